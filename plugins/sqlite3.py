@@ -1,0 +1,181 @@
+"""Thread-affinity checks for the standard library's sqlite3 module.
+
+``sqlite3.connect`` is patched to pass a generated subclass of the requested
+``factory`` (sqlite3.Connection by default): ``isinstance`` holds, the object
+goes back into C as itself (``backup``, ``sqlite3.Cursor(conn)``), and a call
+costs one exact-signature Python frame. ``type(conn)`` is that subclass; it
+keeps the factory's name, module and docstring. Cursors are a subclass of
+sqlite3.Cursor likewise; only ``Blob``, which cannot be subclassed, is a proxy.
+
+Policy: ``strict`` with ``check_same_thread=True`` (the default), written before
+sqlite3 raises its own ProgrammingError; ``exclusive`` with
+``check_same_thread=False``. Both report use in a child after ``fork()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from types import ModuleType
+from typing import Any
+
+from sanitizer.instrument import tracked_subclass
+from sanitizer.ownership import UNTRACKED
+from sanitizer.plugin import Context, Plugin
+from sanitizer.policies import EXCLUSIVE_POLICY, STRICT_POLICY, Policy, guarded_call
+from sanitizer.proxy import make_proxy
+
+# Guarded as they are. Parameter lists are exact where the call is hot.
+CONNECTION_METHODS: dict[str, str | None] = {
+    "close": "", "commit": "", "rollback": "",
+    "__enter__": "", "__exit__": "exc_type, exc_value, traceback, /",
+    "create_function": None, "create_aggregate": None, "create_collation": None,
+    "create_window_function": None, "set_authorizer": None, "set_progress_handler": None,
+    "set_trace_callback": None, "enable_load_extension": None, "load_extension": None,
+    "getlimit": None, "setlimit": None, "getconfig": None, "setconfig": None,
+    "serialize": None, "deserialize": None, "iterdump": None,
+}
+# Not guarded: interrupt(), which SQLite documents as safe from any thread.
+CONNECTION_ATTRIBUTES = ("row_factory", "text_factory", "isolation_level", "in_transaction",
+                         "total_changes", "autocommit")
+CURSOR_METHODS: dict[str, str | None] = {
+    "execute": "sql, parameters=(), /", "executemany": "sql, seq_of_parameters, /",
+    "executescript": "sql_script, /", "fetchone": "", "fetchall": "", "fetchmany": None,
+    "close": "", "setinputsizes": None, "setoutputsize": None, "__next__": "",
+}
+BLOB_METHODS: dict[str, str | None] = {
+    "read": None, "write": None, "seek": None, "tell": "", "close": "",
+    "__enter__": "", "__exit__": None, "__getitem__": None, "__setitem__": None, "__len__": "",
+}
+
+_context: Context | None = None
+
+
+def _new_record(conn: Any, policy: Policy) -> Any:
+    if _context is None:  # made by type(conn)(...) after the plugin was unloaded
+        return UNTRACKED
+    return _context.new_record(conn, policy)
+
+
+@functools.cache
+def cursor_class(sqlite3: ModuleType, base: type, policy: Policy) -> type:
+    """Tracked subclass of a cursor factory; instances share their connection's record."""
+    base_init = base.__init__
+
+    def __init__(self: Any, connection: Any, /, *args: Any, **kwargs: Any) -> None:
+        # Set before anything else runs: derived objects share the parent's record.
+        self._sanitizer_record = getattr(connection, "_sanitizer_record", UNTRACKED)
+        base_init(self, connection, *args, **kwargs)
+
+    return tracked_subclass(base, policy, tuple(CURSOR_METHODS.items()),
+                            (("__init__", __init__),))
+
+
+@functools.cache
+def connection_class(sqlite3: ModuleType, base: type, policy: Policy) -> type:
+    """Tracked subclass of a connection factory, for one policy."""
+    stock = sqlite3.Connection
+    cursor_cls = cursor_class(sqlite3, sqlite3.Cursor, policy)
+    base_init, base_cursor = base.__init__, base.cursor
+    base_blobopen = getattr(base, "blobopen", None)
+    base_backup = base.backup
+    cursor_execute = sqlite3.Cursor.execute
+    cursor_executemany = sqlite3.Cursor.executemany
+    cursor_executescript = sqlite3.Cursor.executescript
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._sanitizer_record = _new_record(self, policy)
+        base_init(self, *args, **kwargs)
+
+    def cursor(self: Any, factory: Any = sqlite3.Cursor) -> Any:
+        if isinstance(factory, type) and issubclass(factory, sqlite3.Cursor):
+            factory = cursor_class(sqlite3, factory, policy)
+        return base_cursor(self, factory)
+
+    # conn.execute() in C would call the guarded cursor() and cursor.execute()
+    # again; one check per call is enough, so these build the cursor directly.
+    def execute(self: Any, sql: Any, parameters: Any = ()) -> Any:
+        cursor = base_cursor(self, cursor_cls)
+        cursor_execute(cursor, sql, parameters)
+        return cursor
+
+    def executemany(self: Any, sql: Any, seq_of_parameters: Any) -> Any:
+        cursor = base_cursor(self, cursor_cls)
+        cursor_executemany(cursor, sql, seq_of_parameters)
+        return cursor
+
+    def executescript(self: Any, sql_script: Any) -> Any:
+        cursor = base_cursor(self, cursor_cls)
+        cursor_executescript(cursor, sql_script)
+        return cursor
+
+    def blobopen(self: Any, *args: Any, **kwargs: Any) -> Any:
+        assert base_blobopen is not None
+        return make_proxy(base_blobopen(self, *args, **kwargs), self._sanitizer_record,
+                          BLOB_METHODS)
+
+    def backup(self: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        # Either side may be tracked; the target is checked under its own policy.
+        return guarded_call(target, "backup", base_backup, self, target, *args, **kwargs)
+
+    special = {
+        "cursor": (cursor, "factory=_default_cursor", {"_default_cursor": sqlite3.Cursor}),
+        "execute": (execute, "sql, parameters=(), /", {}),
+        "executemany": (executemany, "sql, seq_of_parameters, /", {}),
+        "executescript": (executescript, "sql_script, /", {}),
+        "blobopen": (blobopen, "*args, **kwargs", {}),
+        "backup": (backup, "target, *args, **kwargs", {}),
+    }
+    extra: dict[str, Any] = {"__init__": __init__}
+    for name, (replacement, params, defaults) in special.items():
+        if not hasattr(base, name):
+            continue
+        overridden = getattr(base, name) is not getattr(stock, name)
+        func = getattr(base, name) if overridden else replacement  # honour user overrides
+        extra[name] = policy.guard(func, name, "*args, **kwargs" if overridden else params,
+                                   name=name, defaults=defaults)
+    for name in CONNECTION_ATTRIBUTES:
+        descriptor = inspect.getattr_static(base, name, None)
+        if descriptor is not None:
+            extra[name] = property(policy.guard(descriptor.__get__, name, "", name=name),
+                                   policy.guard(descriptor.__set__, name, "value", name=name))
+    return tracked_subclass(base, policy, tuple(CONNECTION_METHODS.items()),
+                            tuple(extra.items()))
+
+
+def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
+    stock = sqlite3.Connection
+
+    def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Any:
+        # Positional layout of sqlite3.connect(): factory is 6th, check_same_thread 5th.
+        try:
+            args, kwargs = list(args), dict(kwargs)
+            factory = args[5] if len(args) > 5 else kwargs.get("factory", stock)
+            same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
+            if (isinstance(factory, type) and issubclass(factory, stock)
+                    and getattr(factory, "__sanitizer_policy__", None) is None):
+                policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
+                tracked = connection_class(sqlite3, factory, policy)
+                if len(args) > 5:
+                    args[5] = tracked
+                else:
+                    kwargs["factory"] = tracked
+        except Exception as exc:
+            context.internal_error(exc, "sqlite3.connect")
+        return wrapped(*args, **kwargs)
+
+    return connect
+
+
+def install(sqlite3: ModuleType, context: Context) -> None:
+    global _context
+    _context = context
+    connect = _patch_connect(sqlite3, context)
+    context.wrap(sqlite3, "connect", connect)
+    dbapi2 = getattr(sqlite3, "dbapi2", None)
+    if dbapi2 is not None and "connect" in vars(dbapi2):
+        context.wrap(dbapi2, "connect", connect)
+
+
+plugin = Plugin(name="sqlite3", hooks={"sqlite3": install})

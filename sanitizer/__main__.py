@@ -1,0 +1,7 @@
+"""``python -m sanitizer run ...``."""
+
+import sys
+
+from sanitizer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""The running Sanitizer: the lifecycle that glues options, plugins and the report together."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any
+
+from sanitizer import ownership, policies, stacks, threads
+from sanitizer.exceptions import ConfigError, ThreadAffinityError
+from sanitizer.instrument import patch_class
+from sanitizer.options import Options
+from sanitizer.patching import Patcher, forget, when_imported
+from sanitizer.plugin import Context, Plugin
+
+if TYPE_CHECKING:
+    from sanitizer.report import Reporter, Violation
+
+_running: Sanitizer | None = None
+_lifecycle = threading.RLock()
+# Classes decorated with @thread_affine; patched whenever the sanitizer runs.
+_affine_classes: weakref.WeakKeyDictionary[type, policies.Policy] = weakref.WeakKeyDictionary()
+
+_FINALIZER_CODES = {weakref.finalize.__call__.__code__}
+
+
+class Sanitizer:
+    """Everything the sanitizer changed in this process, so that stop() undoes it exactly."""
+
+    def __init__(self, options: Options) -> None:
+        from sanitizer import plugins as plugin_registry
+        from sanitizer.report import Reporter  # structlog is imported only when enabled
+
+        self.options = options
+        self.reporter: Reporter = Reporter(options)
+        self.patcher = Patcher()
+        self.plugins: list[Plugin] = plugin_registry.load(options)
+        self.finalizer_names = {"__del__"}
+        self._hooks: list[Callable[[ModuleType], None]] = []
+        self._local = threading.local()
+        self.exit_code_managed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        for plugin in self.plugins:
+            self._activate(plugin)
+        for spec in self.options.track:
+            self._track_by_name(spec)
+        for cls, policy in list(_affine_classes.items()):
+            self.instrument_class(cls, policy)
+        gc.callbacks.append(self._gc_phase)
+        atexit.register(self._at_exit)
+
+    def stop(self) -> None:
+        for hook in self._hooks:
+            forget(hook)
+        self._hooks.clear()
+        self.patcher.restore()
+        for plugin in self.plugins:
+            if plugin.describe_thread is not None:
+                threads.remove_describer(plugin.describe_thread)
+        if self._gc_phase in gc.callbacks:
+            gc.callbacks.remove(self._gc_phase)
+        atexit.unregister(self._at_exit)
+
+    def _activate(self, plugin: Plugin) -> None:
+        context = Context(self, plugin, self.patcher)
+        for prefix in plugin.libraries:
+            stacks.add_library(prefix)
+        self.finalizer_names.update(plugin.finalizers)
+        if plugin.describe_thread is not None:
+            threads.add_describer(plugin.describe_thread)
+        for module_name, installer in plugin.hooks.items():
+            self._on_import(module_name, self._guarded_installer(plugin, installer, context))
+
+    def _guarded_installer(
+        self, plugin: Plugin, installer: Callable[[ModuleType, Context], None], context: Context
+    ) -> Callable[[ModuleType], None]:
+        def install(module: ModuleType) -> None:
+            try:
+                installer(module, context)
+            except Exception as exc:  # a plugin bug must not break the import
+                self.reporter.internal_error(exc, f"installing {plugin.name} on {module.__name__}")
+        return install
+
+    def _on_import(self, module_name: str, hook: Callable[[ModuleType], None]) -> None:
+        self._hooks.append(hook)
+        when_imported(module_name, hook)
+
+    def _track_by_name(self, spec: str) -> None:
+        target, _, policy_name = spec.partition("@")
+        module_name, _, attr_path = target.partition(":")
+        policy = policies.get(policy_name or "strict")
+
+        def install(module: ModuleType) -> None:
+            owner: Any = module
+            *parents, name = attr_path.split(".")
+            for part in parents:
+                owner = getattr(owner, part)
+            value = getattr(owner, name)
+            if isinstance(value, type):
+                self.instrument_class(value, policy)
+            elif callable(value):
+                def track_result(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+                    return self.track(wrapped(*args, **kwargs), policy)
+                self.patcher.wrap(owner, name, track_result)
+            else:
+                raise ConfigError(f"track={spec}: {target} is neither a class nor a callable",
+                                  key="track", value=spec)
+
+        def guarded(module: ModuleType) -> None:
+            try:
+                install(module)
+            except Exception as exc:
+                self.reporter.internal_error(exc, f"track={spec}")
+        self._on_import(module_name, guarded)
+
+    # -- tracking ------------------------------------------------------------------
+
+    def new_record(self, obj: object, policy: policies.Policy, name: str | None = None
+                   ) -> ownership.OwnerRecord:
+        return ownership.new_record(policy, obj, name=name,
+                                    stack_depth=self.options.stack_depth)
+
+    def instrument_class(self, cls: type, policy: policies.Policy) -> None:
+        if not hasattr(cls, "__dict__") or cls.__flags__ & (1 << 9) == 0:  # not a heap type
+            raise ConfigError(f"cannot patch built-in type {cls.__qualname__}; track the "
+                              "factory that returns its instances instead",
+                              key="track", value=cls.__qualname__)
+        patch_class(cls, policy, self.patcher.replace, lambda obj: self.new_record(obj, policy))
+
+    def track(self, obj: Any, policy: policies.Policy, name: str | None = None) -> Any:
+        from sanitizer.proxy import make_proxy
+
+        if ownership.record_of(obj) is not None:
+            return obj
+        cls = type(obj)
+        if "__dict__" in dir(obj) and cls.__flags__ & (1 << 9):  # a Python class
+            self.instrument_class(cls, policy)
+            obj.__dict__["_sanitizer_record"] = self.new_record(obj, policy, name)
+            return obj
+        return make_proxy(obj, self.new_record(obj, policy, name))
+
+    # -- violations ----------------------------------------------------------------
+
+    def on_violation(self, obj: object, record: ownership.OwnerRecord, operation: str,
+                     policy: str, token: threads.ThreadToken, holder: object,
+                     detail: str | None) -> None:
+        local = self._local
+        if getattr(local, "reporting", False):
+            return  # something in our own reporting touched a tracked object
+        local.reporting = True
+        try:
+            caller = sys._getframe(2)
+            if self._finalizing(caller):
+                return
+            violation = self._build(obj, record, operation, policy, token, holder, detail, caller)
+        except Exception as exc:
+            self.reporter.internal_error(exc, "building a report")
+            return
+        finally:
+            local.reporting = False
+        try:
+            self.reporter.handle(violation)
+        except (ThreadAffinityError, Warning):
+            raise  # asked for: action=raise, or warnings turned into errors
+        except Exception as exc:
+            self.reporter.internal_error(exc, "reporting")
+
+    def _finalizing(self, frame: FrameType) -> bool:
+        """GC-driven finalization is not a use, whichever thread it happens on."""
+        if getattr(self._local, "in_gc", False):
+            return True
+        names = self.finalizer_names
+        return any(f.f_code.co_name in names or f.f_code in _FINALIZER_CODES
+                   for f in stacks.frames_of(frame))
+
+    def _gc_phase(self, phase: str, _info: dict[str, Any]) -> None:
+        self._local.in_gc = phase == "start"
+
+    def _build(self, obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
+               token: threads.ThreadToken, holder: object, detail: str | None,
+               caller: FrameType) -> Violation:
+        from sanitizer.report import Violation, quote_args
+
+        depth = self.options.stack_depth
+        owner = record.owner
+        assert isinstance(owner, threads.ThreadToken)
+        holder_thread = holder if isinstance(holder, threads.ThreadToken) else None
+        holder_stack: stacks.Stack = ()
+        if holder_thread is not None and holder_thread is not token:
+            frame = sys._current_frames().get(holder_thread.ident)
+            holder_stack = stacks.capture(depth, frame) if frame is not None else ()
+        object_type = ownership.qualified_type(obj)
+        violation = Violation(
+            policy=policy,
+            object_type=object_type,
+            object_id=id(obj),
+            operation=operation,
+            owner_thread=owner.as_dict(),
+            thread=token.as_dict(),
+            pid=token.pid,
+            owner_pid=record.pid,
+            creation_stack=record.creation_stack,
+            access_stack=stacks.capture(depth, caller),
+            message="",
+            object_name=record.name,
+            root_type=record.object_type if record.object_type != object_type else None,
+            owner_alive=owner.alive,
+            owner_context=list(record.owner_context),
+            context=threads.describe_current(),
+            holder_thread=holder_thread.as_dict() if holder_thread else None,
+            holder_stack=holder_stack,
+            resource=record.resource,
+        )
+        if self.options.include_args:
+            violation.args = quote_args(_guard_arguments(caller))
+        violation.message = detail or _message(violation, token, owner)
+        return violation
+
+    # -- exit and fork ---------------------------------------------------------------
+
+    def _at_exit(self) -> None:
+        reporter = self.reporter
+        lines = reporter.exit_summary()
+        if lines:
+            os.write(2, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
+        if reporter.total and self.options.log_file:
+            reporter.logger.info(
+                "thread_affinity_summary", total=reporter.total,
+                violations=[{"summary": v.summary, "count": v.count}
+                            for v in reporter.unique_violations()])
+        code = self.options.exitcode
+        if reporter.total and code is not None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)  # like ThreadSanitizer's exitcode=66; we run last among atexit
+
+    def _after_fork_in_child(self) -> None:
+        self.reporter.reset_after_fork()
+        self._local = threading.local()
+
+
+def _after_fork_in_child() -> None:
+    if _running is not None:
+        _running._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
+    hidden = {"self", "record", "me", "holder", "func", "policy", "state"}
+    for f in stacks.frames_of(frame.f_back):
+        if f.f_code.co_filename == stacks.GUARD_FILENAME:
+            return [(k, v) for k, v in f.f_locals.items() if k not in hidden]
+    return []
+
+
+def _message(v: Violation, token: threads.ThreadToken, owner: threads.ThreadToken) -> str:
+    what = f"{v.object_type}.{v.operation}"
+    me = f"thread {token.label} '{token.current_name()}'"
+    root = v.root_type or "object"
+    if v.policy == "process":
+        return (f"{what} used in process {v.pid}, but the {root} was created in process "
+                f"{v.owner_pid} and inherited across fork()")
+    if v.policy == "exclusive" and v.holder_thread:
+        other = f"thread T{v.holder_thread['serial']} '{v.holder_thread['name']}'"
+        return f"{what} called by {me} while {other} is inside a call on the same {root}"
+    them = f"thread {owner.label} '{owner.current_name()}'"
+    text = f"{what} called by {me}, but the {root} belongs to {them}"
+    if not v.owner_alive:
+        text += ", which has exited"
+        if owner.ident == token.ident:
+            text += f" (its ident {token.ident} was reused)"
+    return f"{text} ({v.policy} policy)"
+
+
+# -- module-level entry points used by the public API and the guards ------------------
+
+
+def violation(obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
+              token: threads.ThreadToken, holder: object, detail: str | None = None) -> None:
+    sanitizer = _running
+    if sanitizer is not None:
+        sanitizer.on_violation(obj, record, operation, policy, token, holder, detail)
+
+
+def running() -> Sanitizer | None:
+    return _running
+
+
+def enable(options: Options) -> Sanitizer:
+    """Start the sanitizer with these options, or keep the one running (idempotent)."""
+    global _running
+    with _lifecycle:
+        if _running is not None:
+            return _running
+        sanitizer = Sanitizer(options)
+        _running = sanitizer
+        try:
+            sanitizer.start()
+        except BaseException:
+            _running = None
+            sanitizer.stop()
+            raise
+        return sanitizer
+
+
+def disable() -> None:
+    """Stop the sanitizer and restore every patched attribute."""
+    global _running
+    with _lifecycle:
+        sanitizer, _running = _running, None
+        if sanitizer is not None:
+            sanitizer.stop()
+
+
+def register_affine(cls: type, policy: policies.Policy) -> None:
+    _affine_classes[cls] = policy
+    if _running is not None:
+        _running.instrument_class(cls, policy)

@@ -1,0 +1,108 @@
+"""Making classes tracked: guarded subclasses for C types, in-place patching for Python classes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sanitizer.ownership import UNTRACKED
+from sanitizer.policies import Policy
+
+# Method name -> parameter list of its guard ("" for none, None for *args, **kwargs).
+Methods = Mapping[str, "str | None"]
+
+# Dunders that are uses of the object; the rest (__repr__, __del__, __init__ ...) are not.
+USE_DUNDERS = frozenset({
+    "__enter__", "__exit__", "__aenter__", "__aexit__", "__iter__", "__next__",
+    "__aiter__", "__anext__", "__call__", "__getitem__", "__setitem__", "__delitem__",
+    "__len__", "__contains__",
+})
+
+
+def public_methods(cls: type) -> dict[str, str | None]:
+    """The methods of a class that count as uses: public ones and the USE_DUNDERS."""
+    names: dict[str, str | None] = {}
+    for name in dir(cls):
+        if name.startswith("_") and name not in USE_DUNDERS:
+            continue
+        attr = inspect.getattr_static(cls, name, None)
+        if isinstance(attr, (staticmethod, classmethod, property, type)):
+            continue
+        if callable(attr) and getattr(object, name, None) is not attr:
+            names[name] = None
+    return names
+
+
+def guards(
+    base: type, policy: Policy, methods: Methods, operation_prefix: str = ""
+) -> dict[str, Callable[..., Any]]:
+    """Guarded versions of ``base``'s methods, calling the originals through."""
+    namespace: dict[str, Callable[..., Any]] = {}
+    for name, params in methods.items():
+        original = getattr(base, name, None)
+        if original is None:
+            continue
+        namespace[name] = policy.guard(
+            original, f"{operation_prefix}{name}", params if params is not None
+            else "*args, **kwargs", name=name)
+    return namespace
+
+
+@functools.cache
+def tracked_subclass(
+    base: type,
+    policy: Policy,
+    methods: tuple[tuple[str, str | None], ...],
+    extra: tuple[tuple[str, Any], ...] = (),
+) -> type:
+    """A subclass of ``base`` whose methods check ``policy``; cached per arguments.
+
+    Instances hold their record in the ``_sanitizer_record`` slot and report
+    ``base`` as their type. ``type(obj)`` is this subclass: isinstance() against
+    ``base`` and its bases holds.
+    """
+    namespace: dict[str, Any] = {
+        "__slots__": ("_sanitizer_record",),
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "__sanitizer_public_type__": getattr(base, "__sanitizer_public_type__", base),
+        "__sanitizer_policy__": policy,
+    }
+    namespace.update(guards(base, policy, dict(methods)))
+    namespace.update(extra)
+    return type(base.__name__, (base,), namespace)
+
+
+def patch_class(
+    cls: type,
+    policy: Policy,
+    patch: Callable[[Any, str, Any], Any],
+    make_record: Callable[[Any], Any],
+    methods: Methods | None = None,
+) -> None:
+    """Guard a Python class in place; instances made from now on get a record in __init__.
+
+    ``patch(owner, name, value)`` sets attributes (a Patcher, so that they can be
+    restored). Instances made before keep the class-level UNTRACKED record.
+    """
+    if "_sanitizer_record" in vars(cls):  # already patched
+        return
+    patch(cls, "_sanitizer_record", UNTRACKED)
+    for name, guard in guards(cls, policy, methods or public_methods(cls)).items():
+        patch(cls, name, guard)
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # Once per instance, however many __init__s of the hierarchy run.
+        if "_sanitizer_record" not in getattr(self, "__dict__", ()):
+            try:
+                object.__setattr__(self, "_sanitizer_record", make_record(self))
+            except AttributeError:  # no __dict__: stays untracked
+                pass
+        original_init(self, *args, **kwargs)
+
+    patch(cls, "__init__", __init__)

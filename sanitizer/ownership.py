@@ -1,0 +1,149 @@
+"""Owner records: who made a tracked object, where, and who is using it right now."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sanitizer import stacks, threads
+
+if TYPE_CHECKING:
+    from sanitizer.policies import Policy
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# ``busy`` holds the token of the thread inside a call, None when idle, or one of
+# these. Neither ever equals a thread token, so both send guards to the slow path.
+FORKED = _Sentinel("FORKED")  # the record was inherited across fork()
+NEVER = _Sentinel("NEVER")  # the object is not tracked
+
+
+class OwnerRecord:
+    """One per tracked object; objects derived from it (cursors, blobs) share it."""
+
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "creation_stack",
+        "name",
+        "object_id",
+        "object_type",
+        "owner",
+        "owner_context",
+        "pid",
+        "policy",
+        "resource",
+        "sharing",
+    )
+
+    def __init__(
+        self,
+        policy: Policy | None,
+        object_type: str,
+        object_id: int,
+        *,
+        creation_stack: stacks.Stack = (),
+        name: str | None = None,
+        resource: dict[str, Any] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.object_type = object_type
+        self.object_id = object_id
+        self.name = name
+        self.resource = resource
+        self.owner: threads.ThreadToken | object = threads.current()
+        self.owner_context: list[str] = []
+        self.pid = os.getpid()
+        self.creation_stack = creation_stack
+        self.busy: object = None
+        self.sharing = 0
+
+    @property
+    def tracked(self) -> bool:
+        return self.policy is not None
+
+    def transfer_to_current_thread(self) -> None:
+        self.owner = threads.current()
+        self.owner_context = threads.describe_current()
+        self.pid = os.getpid()
+        if self.busy is FORKED:
+            self.busy = None
+
+    def __repr__(self) -> str:
+        policy = self.policy.name if self.policy else "untracked"
+        return f"<OwnerRecord {self.object_type} {policy} owner={self.owner!r}>"
+
+
+def _untracked() -> OwnerRecord:
+    record = OwnerRecord(None, "untracked", 0)
+    record.owner = NEVER
+    record.busy = NEVER
+    return record
+
+
+# The null record: class-level default for instances that were never tracked
+# (made before enable(), or by a path the plugin does not see).
+UNTRACKED = _untracked()
+
+_live: weakref.WeakSet[OwnerRecord] = weakref.WeakSet()
+
+
+def new_record(
+    policy: Policy,
+    obj: object,
+    *,
+    object_type: str | None = None,
+    stack_depth: int = 16,
+    name: str | None = None,
+    resource: dict[str, Any] | None = None,
+) -> OwnerRecord:
+    """A record owned by the calling thread, with the caller's stack as its creation site."""
+    record = OwnerRecord(
+        policy,
+        object_type or qualified_type(obj),
+        id(obj),
+        creation_stack=stacks.capture(stack_depth),
+        name=name,
+        resource=resource,
+    )
+    record.owner_context = threads.describe_current()
+    _live.add(record)
+    return record
+
+
+def record_of(obj: object) -> OwnerRecord | None:
+    """The record of a tracked object (or proxy), or None."""
+    try:
+        record = object.__getattribute__(obj, "_sanitizer_record")
+    except AttributeError:
+        record = getattr(obj, "_sanitizer_record", None)
+    if isinstance(record, OwnerRecord) and record.tracked:
+        return record
+    return None
+
+
+def qualified_type(obj: object) -> str:
+    """``module.Qualname`` of what the user sees as the object's type."""
+    cls = getattr(type(obj), "__sanitizer_public_type__", None) or type(obj)
+    module = cls.__module__
+    if module in ("builtins", "__main__"):
+        return str(cls.__qualname__)
+    return f"{module}.{cls.__qualname__}"
+
+
+def _invalidate_after_fork() -> None:
+    for record in list(_live):
+        record.busy = FORKED
+
+
+os.register_at_fork(after_in_child=_invalidate_after_fork)

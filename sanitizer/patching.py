@@ -1,0 +1,75 @@
+"""Installing and removing patches, and post-import hooks that never import a library."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import wrapt
+
+_MISSING = object()
+
+ImportHook = Callable[[ModuleType], None]
+# wrapt cannot unregister a post-import hook, so each module name gets one
+# trampoline for the life of the process; enable/disable edit the list behind it.
+_hooks: dict[str, list[ImportHook]] = {}
+
+
+class Patcher:
+    """Records every attribute it sets so that ``restore()`` is an exact inverse."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def replace(self, owner: Any, name: str, value: Any) -> Any:
+        """Set ``owner.name = value``; return what the attribute was."""
+        original = vars(owner).get(name, _MISSING)
+        self._undo.append((owner, name, original))
+        setattr(owner, name, value)
+        return original if original is not _MISSING else getattr(owner, name, None)
+
+    def wrap(self, owner: Any, path: str, wrapper: Callable[..., Any]) -> Any:
+        """``wrapt.wrap_function_wrapper``, remembered for ``restore()``."""
+        parent, attribute, _original = wrapt.resolve_path(owner, path)
+        self._undo.append((parent, attribute, vars(parent).get(attribute, _MISSING)))
+        return wrapt.wrap_function_wrapper(parent, attribute, wrapper)
+
+    def restore(self) -> None:
+        while self._undo:
+            owner, name, original = self._undo.pop()
+            if original is _MISSING:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(owner, name, original)
+
+
+def when_imported(module_name: str, hook: ImportHook) -> None:
+    """Run ``hook(module)`` when the module is imported, or now if it already is."""
+    hooks = _hooks.get(module_name)
+    if hooks is None:
+        hooks = _hooks[module_name] = [hook]
+        # Fires at once if the module is already imported.
+        wrapt.register_post_import_hook(_trampoline(module_name), module_name)
+        return
+    hooks.append(hook)
+    module = sys.modules.get(module_name)
+    if module is not None:
+        hook(module)
+
+
+def forget(hook: ImportHook) -> None:
+    for hooks in _hooks.values():
+        while hook in hooks:
+            hooks.remove(hook)
+
+
+def _trampoline(module_name: str) -> ImportHook:
+    def fire(module: ModuleType) -> None:
+        for hook in list(_hooks.get(module_name, ())):
+            hook(module)
+    return fire

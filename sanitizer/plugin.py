@@ -1,0 +1,83 @@
+"""The plugin API: what a plugin declares, and the context it installs patches through."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from sanitizer import ownership
+from sanitizer.exceptions import ConfigError
+from sanitizer.patching import Patcher
+from sanitizer.policies import Policy
+from sanitizer.threads import ThreadDescriber
+
+if TYPE_CHECKING:
+    from sanitizer.control import Sanitizer
+
+Installer = Callable[[ModuleType, "Context"], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugin:
+    """A library's instrumentation, declared as data.
+
+    ``hooks`` maps module names to installers, which run when the module is
+    imported (never earlier, and the sanitizer never imports it itself).
+    """
+
+    name: str
+    hooks: Mapping[str, Installer]
+    #: Module prefixes whose frames are skipped when choosing a report's site.
+    libraries: tuple[str, ...] = ()
+    #: Names of functions that finalize objects: uses inside them are not reported.
+    finalizers: tuple[str, ...] = ()
+    #: Adds a phrase about the current thread to reports (e.g. its asgiref role).
+    describe_thread: ThreadDescriber | None = None
+    #: The plugin's own option keys (``PLUGIN.KEY=value``), with their help.
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def check_options(self, values: Mapping[str, str]) -> None:
+        for key, value in values.items():
+            if key not in self.options:
+                accepted = ", ".join(f"{self.name}.{k}" for k in self.options) or "none"
+                raise ConfigError(
+                    f"unknown option {self.name}.{key}={value!r}; {self.name} accepts: {accepted}",
+                    key=f"{self.name}.{key}", value=value)
+
+
+class Context:
+    """What an installer may do: patch (undone by disable()), and make records."""
+
+    def __init__(self, sanitizer: Sanitizer, plugin: Plugin, patcher: Patcher) -> None:
+        self._sanitizer = sanitizer
+        self.plugin = plugin
+        self.patcher = patcher
+        self.options: Mapping[str, str] = sanitizer.options.for_plugin(plugin.name)
+
+    @property
+    def stack_depth(self) -> int:
+        return self._sanitizer.options.stack_depth
+
+    def replace(self, owner: Any, name: str, value: Any) -> Any:
+        return self.patcher.replace(owner, name, value)
+
+    def wrap(self, owner: Any, path: str, wrapper: Callable[..., Any]) -> Any:
+        return self.patcher.wrap(owner, path, wrapper)
+
+    def new_record(
+        self,
+        obj: object,
+        policy: Policy,
+        *,
+        object_type: str | None = None,
+        name: str | None = None,
+        resource: dict[str, Any] | None = None,
+    ) -> ownership.OwnerRecord:
+        """A record owned by the calling thread; its creation site is the caller's caller."""
+        return ownership.new_record(policy, obj, object_type=object_type, name=name,
+                                    resource=resource, stack_depth=self.stack_depth)
+
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        self._sanitizer.reporter.internal_error(exc, f"{self.plugin.name}: {where}")

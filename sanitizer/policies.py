@@ -1,0 +1,232 @@
+"""Policies (strict, exclusive, process, ...) and the guards that enforce them on calls.
+
+A guard is a small function generated from its policy's template with the exact
+signature of the method it protects, the way ``dataclasses`` generates
+``__init__``: forwarding ``*args, **kwargs`` alone would double the overhead.
+The hot path reads the thread token, compares it with the record and calls
+through; anything unusual goes to ``_slow_path``, which decides and reports.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+from collections.abc import Callable
+from types import FunctionType
+from typing import Any, ClassVar
+
+from sanitizer import stacks, threads
+from sanitizer.exceptions import ConfigError
+from sanitizer.ownership import FORKED, OwnerRecord, record_of
+
+# Guard bodies. ``{call}`` is the call through to the real method and
+# ``{operation}`` the name reported for it. Names used: local, slow, policy.
+STRICT = """\
+record = self._sanitizer_record
+if local.token is not record.owner:
+    slow(self, record, {operation!r}, None)
+return {call}
+"""
+
+EXCLUSIVE = """\
+record = self._sanitizer_record
+me = local.token
+holder = record.busy
+if holder is None:
+    record.busy = me
+    try:
+        return {call}
+    finally:
+        record.busy = None
+if holder is not me:
+    slow(self, record, {operation!r}, holder)
+return {call}
+"""
+
+PROCESS = """\
+record = self._sanitizer_record
+if record.busy is not None:
+    slow(self, record, {operation!r}, record.busy)
+return {call}
+"""
+
+# For policies written as enter/exit methods (usually by plugins): slower, general.
+ENTER_EXIT = """\
+record = self._sanitizer_record
+state = policy.enter(self, record, {operation!r})
+try:
+    return {call}
+finally:
+    policy.exit(self, record, state)
+"""
+
+
+class Policy:
+    """How a tracked object may be used across threads. Subclasses set ``template``."""
+
+    name: ClassVar[str] = "policy"
+    template: ClassVar[str] = ENTER_EXIT
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+    ) -> str | None:
+        """Name of the policy this use breaks, or None if it is allowed (cold path)."""
+        if holder is FORKED or record.pid != token.pid:
+            return "process"
+        return None
+
+    def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
+        """Called before each call by ENTER_EXIT guards; reports through ``slow_path``."""
+        raise NotImplementedError
+
+    def exit(self, obj: object, record: OwnerRecord, state: Any) -> None:
+        """Called after each call by ENTER_EXIT guards, even when it raised."""
+
+    def guard(
+        self,
+        func: Callable[..., Any],
+        operation: str,
+        params: str = "*args, **kwargs",
+        *,
+        name: str | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> FunctionType:
+        """A function ``(self, <params>)`` that checks this policy, then calls ``func(self, ...)``."""
+        call = f"func(self, {call_arguments(params)})"
+        return compile_guard(self, call, operation, params, name or operation,
+                             {"func": func, **(defaults or {})}, wrapped=func)
+
+    @functools.cache  # noqa: B019 - policies are few and live for the process
+    def call_guard(self, operation: str) -> FunctionType:
+        """A guard ``(obj, func, *args, **kwargs)`` for checking one-off calls."""
+        return compile_guard(self, "func(*args, **kwargs)", operation,
+                             "func, /, *args, **kwargs", operation, {})
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name}>"
+
+
+class Strict(Policy):
+    """Only the owner thread may touch the object."""
+
+    name = "strict"
+    template = STRICT
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+    ) -> str | None:
+        if record.pid != token.pid:
+            return "process"
+        if record.sharing > 0 or token is record.owner:
+            return None
+        return self.name
+
+
+class Exclusive(Policy):
+    """Any thread may use the object, but only one at a time: handoff is fine."""
+
+    name = "exclusive"
+    template = EXCLUSIVE
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+    ) -> str | None:
+        if holder is FORKED or record.pid != token.pid:
+            return "process"
+        if record.sharing > 0 or holder is None or holder is token:
+            return None
+        return self.name
+
+
+class Process(Policy):
+    """Any thread may use the object, but not a child process that inherited it."""
+
+    name = "process"
+    template = PROCESS
+
+
+STRICT_POLICY = Strict()
+EXCLUSIVE_POLICY = Exclusive()
+PROCESS_POLICY = Process()
+
+_registry: dict[str, Policy] = {p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
+
+
+def register(policy: Policy) -> Policy:
+    """Make a plugin's policy available by name (e.g. for ``track=...@name``)."""
+    _registry.setdefault(policy.name, policy)
+    return _registry[policy.name]
+
+
+def get(policy: str | Policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    try:
+        return _registry[policy]
+    except KeyError:
+        accepted = ", ".join(sorted(_registry))
+        raise ConfigError(
+            f"unknown policy {policy!r}; expected one of: {accepted}", key="policy", value=policy
+        ) from None
+
+
+def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object) -> None:
+    """Decide whether an unusual call is a violation, and report it."""
+    policy = record.policy
+    if policy is None:  # untracked instance of a patched class
+        return
+    token = threads.local.token
+    if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
+        token = threads.local.token = threads.ThreadToken()
+    violated = policy.violated(record, token, holder)
+    if violated is None:
+        return
+    from sanitizer import control  # cold path; control imports this module
+
+    control.violation(obj, record, operation, violated, token, holder)
+
+
+def compile_guard(
+    policy: Policy,
+    call: str,
+    operation: str,
+    params: str,
+    name: str,
+    namespace: dict[str, Any],
+    *,
+    wrapped: Callable[..., Any] | None = None,
+) -> FunctionType:
+    body = policy.template.format(call=call, operation=operation)
+    source = f"def {name}(self, {params}):\n" + "".join(
+        "    " + line + "\n" for line in body.splitlines()
+    )
+    scope = {"local": threads.local, "slow": slow_path, "policy": policy, **namespace}
+    exec(compile(source, stacks.GUARD_FILENAME, "exec"), scope)
+    guard: FunctionType = scope[name]
+    if wrapped is not None:
+        functools.update_wrapper(guard, wrapped)
+    guard.__sanitizer_policy__ = policy  # type: ignore[attr-defined]
+    return guard
+
+
+@functools.cache
+def call_arguments(params: str) -> str:
+    """The argument list that forwards a parameter list: ``a, b=1, *c, d`` -> ``a, b, *c, d=d``."""
+    spec = ast.parse(f"def f({params}): pass").body[0].args  # type: ignore[attr-defined]
+    parts = [a.arg for a in (*spec.posonlyargs, *spec.args)]
+    if spec.vararg:
+        parts.append("*" + spec.vararg.arg)
+    parts += [f"{a.arg}={a.arg}" for a in spec.kwonlyargs]
+    if spec.kwarg:
+        parts.append("**" + spec.kwarg.arg)
+    return ", ".join(parts)
+
+
+def guarded_call(obj: object, operation: str, func: Callable[..., Any], *args: Any,
+                 **kwargs: Any) -> Any:
+    """Run ``func(*args, **kwargs)`` as a use of ``obj`` under its policy (if tracked)."""
+    record = record_of(obj)
+    if record is None or record.policy is None:
+        return func(*args, **kwargs)
+    return record.policy.call_guard(operation)(obj, func, *args, **kwargs)

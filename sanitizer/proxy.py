@@ -1,0 +1,49 @@
+"""Transparent proxies (wrapt.ObjectProxy) for objects whose class cannot be subclassed."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import wrapt
+
+from sanitizer.instrument import Methods, public_methods
+from sanitizer.ownership import OwnerRecord
+from sanitizer.policies import Policy, call_arguments, compile_guard
+
+
+class TrackedProxy(wrapt.ObjectProxy):  # type: ignore[misc]
+    """Base of generated proxy classes. Holds the record; everything else is the target's."""
+
+    __slots__ = ("_sanitizer_record",)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+@functools.cache
+def proxy_class(target: type, policy: Policy, methods: tuple[tuple[str, str | None], ...]) -> type:
+    """A TrackedProxy subclass whose listed methods check ``policy`` and forward."""
+    namespace: dict[str, Any] = {"__slots__": (), "__sanitizer_public_type__": target}
+    for name, params in methods:
+        params = params if params is not None else "*args, **kwargs"
+        call = f"self.__wrapped__.{name}({call_arguments(params)})"
+        namespace[name] = compile_guard(policy, call, name, params, name, {})
+    return type(f"Tracked{target.__name__}Proxy", (TrackedProxy,), namespace)
+
+
+def make_proxy(obj: Any, record: OwnerRecord, methods: Methods | None = None) -> Any:
+    """Wrap ``obj`` in a proxy that checks ``record.policy`` on the given (or public) methods."""
+    assert record.policy is not None
+    chosen = methods if methods is not None else public_methods(type(obj))
+    cls = proxy_class(type(obj), record.policy, tuple(sorted(chosen.items())))
+    proxy = cls(obj)
+    proxy._sanitizer_record = record
+    return proxy
+
+
+def unwrap(obj: Any) -> Any:
+    """The real object behind a tracked proxy, for handing to C code that type-checks."""
+    while isinstance(obj, TrackedProxy):
+        obj = obj.__wrapped__
+    return obj

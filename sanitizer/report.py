@@ -1,0 +1,364 @@
+"""Violation records, suppressions, dedup, and the sanitizer's private structlog pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from sanitizer import stacks
+from sanitizer.exceptions import ConfigError, ThreadAffinityError, ThreadAffinityWarning
+from sanitizer.options import Options
+
+EVENT = "thread_affinity_violation"
+
+
+@dataclasses.dataclass
+class Violation:
+    """One kind of misuse: a (policy, creation site, access site) and how often it happened."""
+
+    policy: str
+    object_type: str
+    object_id: int
+    operation: str
+    owner_thread: dict[str, Any]
+    thread: dict[str, Any]
+    pid: int
+    owner_pid: int
+    creation_stack: stacks.Stack
+    access_stack: stacks.Stack
+    message: str
+    count: int = 1
+    object_name: str | None = None
+    root_type: str | None = None
+    owner_alive: bool = True
+    owner_context: list[str] = dataclasses.field(default_factory=list)
+    context: list[str] = dataclasses.field(default_factory=list)
+    holder_thread: dict[str, Any] | None = None
+    holder_stack: stacks.Stack = ()
+    resource: dict[str, Any] | None = None
+    args: dict[str, str] | None = None
+
+    @property
+    def creation_site(self) -> stacks.Frame | None:
+        return stacks.site(self.creation_stack)
+
+    @property
+    def access_site(self) -> stacks.Frame | None:
+        return stacks.site(self.access_stack)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        def where(frame: stacks.Frame | None) -> tuple[str, int] | None:
+            return (frame[0].co_filename, frame[1]) if frame else None
+
+        return (self.policy, where(self.creation_site), where(self.access_site))
+
+    @property
+    def summary(self) -> str:
+        return f"thread-affinity ({self.policy}) {stacks.describe_site(self.access_site)}"
+
+    def event(self) -> dict[str, Any]:
+        """The JSON fields, in a stable order, without timestamp and level (structlog adds them)."""
+        fields: dict[str, Any] = {
+            "policy": self.policy,
+            "object_type": self.object_type,
+            "object_id": f"{self.object_id:#x}",
+            "operation": self.operation,
+            "owner_thread": self.owner_thread,
+            "thread": self.thread,
+            "pid": self.pid,
+            "owner_pid": self.owner_pid,
+            "creation_stack": stacks.as_dicts(self.creation_stack),
+            "access_stack": stacks.as_dicts(self.access_stack),
+            "count": self.count,
+            "message": self.message,
+            "owner_alive": self.owner_alive,
+        }
+        optional = {
+            "object_name": self.object_name,
+            "root_type": self.root_type,
+            "owner_context": self.owner_context,
+            "context": self.context,
+            "holder_thread": self.holder_thread,
+            "holder_stack": stacks.as_dicts(self.holder_stack) if self.holder_stack else None,
+            "resource": self.resource,
+            "args": self.args,
+        }
+        fields.update((k, v) for k, v in optional.items() if v)
+        return fields
+
+
+# -- suppressions -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rule:
+    kind: str
+    pattern: str
+    line: int | None
+    origin: str
+    hits: int = 0
+
+    def matches(self, violation: Violation) -> bool:
+        if self.kind == "object":
+            return fnmatch.fnmatchcase(violation.object_type, self.pattern)
+        if self.kind == "policy":
+            return fnmatch.fnmatchcase(violation.policy, self.pattern)
+        frames = (*violation.access_stack, *violation.creation_stack)
+        if self.kind == "site":
+            return any(self._site_matches(code.co_filename, line) for code, line in frames)
+        return any(fnmatch.fnmatchcase(name, self.pattern)
+                   for code, _ in frames for name in _function_names(code))
+
+    def _site_matches(self, filename: str, line: int) -> bool:
+        if self.line is not None and self.line != line:
+            return False
+        return fnmatch.fnmatchcase(filename, self.pattern) or fnmatch.fnmatchcase(
+            filename, "*/" + self.pattern.lstrip("/"))
+
+
+RULE_KINDS = ("site", "object", "function", "policy")
+
+
+def _function_names(code: Any) -> tuple[str, ...]:
+    qualname = getattr(code, "co_qualname", code.co_name)
+    module = _module_of(code.co_filename)
+    return (qualname, f"{module}.{qualname}") if module else (qualname,)
+
+
+def _module_of(filename: str) -> str | None:
+    best = ""
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".") + os.sep
+        if filename.startswith(entry) and len(entry) > len(best):
+            best = entry
+    if not best or not filename.endswith(".py"):
+        return None
+    module = filename[len(best):-3].replace(os.sep, ".")
+    return module.removesuffix(".__init__")
+
+
+def load_suppressions(path: str) -> list[Rule]:
+    """Parse a suppressions file: ``kind:pattern`` per line, ``#`` comments."""
+    rules = []
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"suppressions={path!r}: cannot read file: {exc.strerror}",
+                          key="suppressions", value=path) from None
+    for number, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        kind, _, pattern = text.partition(":")
+        if kind not in RULE_KINDS or not pattern:
+            raise ConfigError(
+                f"suppressions={path}:{number}: bad rule {text!r}; expected KIND:PATTERN "
+                f"with KIND one of: {', '.join(RULE_KINDS)}", key="suppressions", value=text)
+        line = None
+        if kind == "site":
+            head, sep, tail = pattern.rpartition(":")
+            if sep and tail.isdigit():
+                pattern, line = head, int(tail)
+        rules.append(Rule(kind, pattern, line, f"{path}:{number}"))
+    return rules
+
+
+# -- output -----------------------------------------------------------------------
+
+
+class LineWriter:
+    """structlog's logger at the end of our pipeline: one ``os.write`` per event.
+
+    A single write of a whole line, on an O_APPEND descriptor, keeps lines from
+    many threads and processes whole, and survives a following ``os._exit``.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def msg(self, message: str) -> None:
+        data = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    warning = error = info = critical = debug = msg
+
+
+def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) -> str:
+    """A ThreadSanitizer-like report for people."""
+    if event_dict.get("event") != EVENT:
+        return structlog.dev.ConsoleRenderer(colors=False)(_logger, _method, event_dict)
+    e = event_dict
+
+    def thread(info: dict[str, Any], pid: int, alive: bool = True) -> str:
+        state = "" if alive else ", exited"
+        return (f"thread T{info['serial']} '{info['name']}' (ident {info['ident']}, "
+                f"native {info['native_id']}{state}) in pid {pid}")
+
+    def frames(stack: list[dict[str, Any]]) -> list[str]:
+        if not stack:
+            return ["    <no Python frames>"]
+        return [f"    #{i} {f['file']}:{f['line']} in {f['function']}"
+                for i, f in enumerate(stack)]
+
+    what = e["object_type"] + (f" {e['object_name']!r}" if e.get("object_name") else "")
+    lines = [
+        "=" * 18,
+        f"WARNING: thread-affinity violation ({e['policy']}) on {what} at {e['object_id']}",
+        f"  {e['message']}",
+        f"  {e['operation']} by {thread(e['thread'], e['pid'])}:",
+        *frames(e["access_stack"]),
+    ]
+    lines += [f"    ({c})" for c in e.get("context", ())]
+    if e.get("holder_thread"):
+        lines.append(f"  At the same time in use by {thread(e['holder_thread'], e['pid'])}:")
+        lines += frames(e.get("holder_stack") or [])
+    created = e.get("root_type") or e["object_type"]
+    lines.append(f"  {created} created by "
+                 f"{thread(e['owner_thread'], e['owner_pid'], e['owner_alive'])}:")
+    lines += frames(e["creation_stack"])
+    lines += [f"    ({c})" for c in e.get("owner_context", ())]
+    if e.get("resource"):
+        lines.append("  resource: " + ", ".join(f"{k}={v}" for k, v in e["resource"].items()))
+    if e.get("args"):
+        lines.append("  arguments: " + ", ".join(f"{k}={v}" for k, v in e["args"].items()))
+    user = [f for f in e["access_stack"] if not stacks.is_library_file(str(f["file"]))]
+    site = (user or e["access_stack"] or [None])[0]
+    where = f"{site['file']}:{site['line']} in {site['function']}" if site else "<unknown>"
+    lines += [f"SUMMARY: thread-affinity ({e['policy']}) {where}", "=" * 18]
+    return "\n".join(lines)
+
+
+def _json_default(value: object) -> str:
+    return repr(value)
+
+
+def build_logger(options: Options) -> Any:
+    """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
+    if options.log_file:
+        fd = os.open(options.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    else:
+        fd = os.dup(2)  # stderr, even if the program later rebinds sys.stderr
+    fmt = options.format or ("console" if not options.log_file and os.isatty(fd) else "json")
+    renderer: Callable[..., Any] = (
+        render_console if fmt == "console"
+        else structlog.processors.JSONRenderer(default=_json_default)
+    )
+    return structlog.wrap_logger(
+        LineWriter(fd),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+            renderer,
+        ],
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
+
+
+# -- the reporter -----------------------------------------------------------------
+
+Listener = Callable[[Violation, bool], None]
+
+
+class Reporter:
+    """Takes violations, drops suppressed ones, dedups, logs, warns and raises."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.rules = load_suppressions(options.suppressions) if options.suppressions else []
+        self.logger = build_logger(options)
+        self.unique: dict[tuple[object, ...], Violation] = {}
+        self.listeners: list[Listener] = []
+        self.total = 0
+        self._lock = threading.Lock()
+        self._internal_errors: set[tuple[str, str]] = set()
+
+    def handle(self, violation: Violation) -> None:
+        if self.suppressed(violation):
+            return
+        with self._lock:
+            seen = self.unique.get(violation.key)
+            if seen is not None:
+                seen.count += 1
+            else:
+                self.unique[violation.key] = violation
+            self.total += 1
+        first = seen is None
+        current = violation if first else seen
+        assert current is not None
+        for listener in list(self.listeners):
+            listener(current, first)
+        actions = self.options.action
+        if first and "log" in actions:
+            self.logger.warning(EVENT, **violation.event())
+        if first and "warn" in actions:
+            site = violation.access_site
+            filename, line = (site[0].co_filename, site[1]) if site else ("<unknown>", 0)
+            warnings.warn_explicit(ThreadAffinityWarning(violation.message),
+                                   ThreadAffinityWarning, filename, line)
+        if "raise" in actions:
+            raise ThreadAffinityError(current)
+
+    def suppressed(self, violation: Violation) -> bool:
+        for rule in self.rules:
+            if rule.matches(violation):
+                rule.hits += 1
+                return True
+        return False
+
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        """Report a bug in the sanitizer once per kind; never raise."""
+        key = (type(exc).__name__, where)
+        if key in self._internal_errors:
+            return
+        self._internal_errors.add(key)
+        try:
+            self.logger.error("sanitizer_internal_error", where=where,
+                              error=f"{type(exc).__name__}: {exc}",
+                              hint="the original call went ahead; please report this")
+        except Exception:  # pragma: no cover - the log itself is broken
+            pass
+
+    def exit_summary(self) -> list[str]:
+        """Lines for stderr at exit: counts, sites and unused suppressions."""
+        lines = []
+        if self.unique:
+            lines.append(
+                f"sanitizer: {self.total} thread-affinity violation(s), "
+                f"{len(self.unique)} unique, in pid {os.getpid()}:")
+            lines += [f"  {v.count:>5} x {v.summary}" for v in self.unique.values()]
+        unused = [r for r in self.rules if not r.hits]
+        if unused and (self.unique or self.total or self.rules):
+            lines.append("sanitizer: suppressions that never matched:")
+            lines += [f"  {r.origin}: {r.kind}:{r.pattern}"
+                      + (f":{r.line}" if r.line is not None else "") for r in unused]
+        return lines
+
+    def reset_after_fork(self) -> None:
+        """A child reports its own violations; the parent's are not repeated at its exit."""
+        self._lock = threading.Lock()
+        self.unique = {}
+        self.total = 0
+        for rule in self.rules:
+            rule.hits = 0
+
+    def unique_violations(self) -> list[Violation]:
+        return list(self.unique.values())
+
+
+def quote_args(values: Iterable[tuple[str, object]]) -> dict[str, str]:
+    return {name: repr(value)[:200] for name, value in values}

@@ -1,0 +1,99 @@
+"""Cheap stack capture (code objects and line numbers), formatting, and frame filtering."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from types import CodeType, FrameType
+
+import wrapt
+
+Frame = tuple[CodeType, int]
+Stack = tuple[Frame, ...]
+
+GUARD_FILENAME = "<sanitizer-guard>"
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
+_internal_cache: dict[CodeType, bool] = {}
+
+# Module path prefixes of instrumented libraries (registered by plugins). Their
+# frames stay in stacks but are skipped when choosing the *site* of an access,
+# so that reports and dedup point at the user's line, not at django/db/....
+_library_prefixes: list[str] = []
+
+
+def is_internal(code: CodeType) -> bool:
+    """True for the sanitizer's own frames (core, plugins, generated guards) and wrapt's."""
+    try:
+        return _internal_cache[code]
+    except KeyError:
+        filename = code.co_filename
+        internal = (
+            filename == GUARD_FILENAME
+            or filename.startswith(_PACKAGE_DIR)
+            or filename.startswith(_WRAPT_DIR)
+        )
+        _internal_cache[code] = internal
+        return internal
+
+
+def capture(limit: int, frame: FrameType | None = None) -> Stack:
+    """The caller's stack, innermost first, without the sanitizer's own frames."""
+    if frame is None:
+        frame = sys._getframe(1)
+    frames: list[Frame] = []
+    while frame is not None and len(frames) < limit:
+        code = frame.f_code
+        if not is_internal(code):
+            frames.append((code, frame.f_lineno))
+        frame = frame.f_back
+    return tuple(frames)
+
+
+def frames_of(frame: FrameType | None) -> Iterator[FrameType]:
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def add_library(module_prefix: str) -> None:
+    """Mark a library's modules so that sites skip past them to the user's code."""
+    path = module_prefix.replace(".", os.sep)
+    for prefix in (os.sep + path + os.sep, os.sep + path + ".py"):
+        if prefix not in _library_prefixes:
+            _library_prefixes.append(prefix)
+
+
+def is_library_file(filename: str) -> bool:
+    return any(prefix in filename for prefix in _library_prefixes)
+
+
+def is_library(code: CodeType) -> bool:
+    return is_library_file(code.co_filename)
+
+
+def site(stack: Stack) -> Frame | None:
+    """The frame a report is about: the innermost frame outside instrumented libraries."""
+    for frame in stack:
+        if not is_library(frame[0]):
+            return frame
+    return stack[0] if stack else None
+
+
+def frame_dict(frame: Frame) -> dict[str, object]:
+    code, line = frame
+    return {"file": code.co_filename, "line": line, "function": code.co_qualname
+            if hasattr(code, "co_qualname") else code.co_name}
+
+
+def as_dicts(stack: Iterable[Frame]) -> list[dict[str, object]]:
+    return [frame_dict(frame) for frame in stack]
+
+
+def describe_site(frame: Frame | None) -> str:
+    if frame is None:
+        return "<unknown>"
+    info = frame_dict(frame)
+    return f"{info['file']}:{info['line']} in {info['function']}"
