@@ -213,7 +213,8 @@ class Sanitizer:
             message="",
             object_name=record.name,
             root_type=record.object_type if record.object_type != object_type else None,
-            owner_alive=owner.alive,
+            # Another process's threads cannot be seen from here: say nothing.
+            owner_alive=owner.alive if owner.pid == token.pid else True,
             owner_context=list(record.owner_context),
             context=threads.describe_current(),
             holder_thread=holder_thread.as_dict() if holder_thread else None,

@@ -1,0 +1,3 @@
+"""Shared fixtures: throwaway database servers (see dbservers.py)."""
+
+pytest_plugins = ["dbservers"]
