@@ -24,7 +24,7 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m pytest -p no:cacheprovider
+	$(VENV)/bin/pytest -p no:cacheprovider
 
 lint: install
 	$(VENV)/bin/ruff check sanitizer plugins tests benchmarks examples

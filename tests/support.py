@@ -1,0 +1,44 @@
+"""Helpers for the test suite: run real programs under the sanitizer and read their records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+
+def run_program(tmp_path: Path, source: str, env_value: str | None = "1", *,
+                args: list[str] | None = None, extra_options: str = "",
+                timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """Run ``source`` as a script with SANITIZE_THREADS set; return the process and JSON records."""
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent(source))
+    log = tmp_path / "violations.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANITIZE_THREADS")}
+    if env_value is not None:
+        value = env_value if env_value not in ("1", "") else ""
+        items = [i for i in (value, f"log_file={log}", extra_options) if i]
+        env["SANITIZE_THREADS"] = ",".join(items)
+    command = args if args is not None else [sys.executable, str(script)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, read_records(log)
+
+
+def read_records(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == "thread_affinity_violation"]
+
+
+def line_of(source: str, marker: str) -> int:
+    """1-based line number of the line containing ``# marker`` in dedented source."""
+    for number, line in enumerate(textwrap.dedent(source).splitlines(), 1):
+        if f"# {marker}" in line:
+            return number
+    raise AssertionError(f"marker {marker!r} not in source")

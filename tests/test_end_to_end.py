@@ -1,0 +1,284 @@
+"""Real programs run as subprocesses with SANITIZE_THREADS set; the JSON records are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import line_of, run_program
+
+DEAD_OWNER = """
+    import sqlite3, threading
+    holder = {}
+    def make():
+        holder["conn"] = sqlite3.connect(":memory:", check_same_thread=False)  # created
+    t = threading.Thread(target=make, name="maker"); t.start(); t.join()
+    def use():
+        holder["conn"].execute("select 1")  # used
+    u = threading.Thread(target=use, name="user"); u.start(); u.join()
+"""
+
+
+def test_connection_made_by_exited_thread_is_not_owned_by_a_later_one(tmp_path: Path) -> None:
+    # check_same_thread=True would let sqlite3 itself catch this unless idents are
+    # reused; the sanitizer compares thread tokens, which are never reused.
+    source = DEAD_OWNER.replace("check_same_thread=False", "check_same_thread=True")
+    proc, records = run_program(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    [record] = records
+    assert record["policy"] == "strict"
+    assert record["object_type"] == "sqlite3.Connection"
+    assert record["operation"] == "execute"
+    assert record["owner_thread"]["name"] == "maker"
+    assert record["thread"]["name"] == "user"
+    assert record["owner_thread"]["serial"] != record["thread"]["serial"]
+    assert record["owner_alive"] is False
+    assert "which has exited" in record["message"]
+    assert record["creation_stack"][0]["line"] == line_of(source, "created")
+    assert record["creation_stack"][0]["function"] == "make"
+    assert record["access_stack"][0]["line"] == line_of(source, "used")
+    assert record["access_stack"][0]["function"] == "use"
+    assert record["creation_stack"][0]["file"].endswith("app.py")
+
+
+def test_record_has_exactly_the_documented_fields(tmp_path: Path) -> None:
+    proc, [record] = run_program(tmp_path, DEAD_OWNER.replace("=False", "=True"))
+    required = {"event", "policy", "object_type", "object_id", "operation", "owner_thread",
+                "thread", "pid", "owner_pid", "creation_stack", "access_stack", "count",
+                "message", "timestamp", "level"}
+    assert required <= set(record)
+    assert record["event"] == "thread_affinity_violation"
+    assert record["level"] == "warning"
+    assert set(record["thread"]) == {"name", "ident", "native_id", "serial"}
+    assert set(record["access_stack"][0]) == {"file", "line", "function"}
+    assert record["pid"] == record["owner_pid"]
+    # the sanitizer's own frames are removed
+    assert not any("/sanitizer/" in f["file"] for f in record["access_stack"])
+
+
+def test_sequential_handoff_with_check_same_thread_false_is_silent(tmp_path: Path) -> None:
+    proc, records = run_program(tmp_path, DEAD_OWNER)
+    assert proc.returncode == 0, proc.stderr
+    assert records == []
+    assert "violation" not in proc.stderr
+
+
+OVERLAP = """
+    import sqlite3, threading
+    conn = sqlite3.connect(":memory:", check_same_thread=False)  # created
+    inside, release = threading.Event(), threading.Event()
+    def slow(x):
+        inside.set()
+        release.wait(10)
+        return x
+    conn.create_function("slow", 1, slow)
+    def first():
+        conn.execute("select slow(1)").fetchall()  # holder
+    t = threading.Thread(target=first, name="first"); t.start()
+    inside.wait(10)
+    conn.execute("select 2")  # overlapping
+    release.set(); t.join()
+"""
+
+
+def test_overlapping_use_from_two_threads_is_caught(tmp_path: Path) -> None:
+    proc, records = run_program(tmp_path, OVERLAP)
+    assert proc.returncode == 0, proc.stderr
+    [record] = records
+    assert record["policy"] == "exclusive"
+    assert record["thread"]["name"] == "MainThread"
+    assert record["holder_thread"]["name"] == "first"
+    assert record["access_stack"][0]["line"] == line_of(OVERLAP, "overlapping")
+    assert record["creation_stack"][0]["line"] == line_of(OVERLAP, "created")
+    holder_lines = [f["line"] for f in record["holder_stack"]]
+    assert line_of(OVERLAP, "holder") in holder_lines
+
+
+FORK = """
+    import os, sqlite3
+    conn = sqlite3.connect(":memory:")  # created
+    conn.execute("select 1")
+    pid = os.fork()
+    if pid == 0:
+        conn.execute("select 1")  # in child
+        os._exit(0)
+    os.waitpid(pid, 0)
+    conn.execute("select 1")  # parent keeps using it: fine
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_is_caught_in_the_child_and_written_before_os_exit(tmp_path: Path) -> None:
+    proc, records = run_program(tmp_path, FORK)
+    assert proc.returncode == 0, proc.stderr
+    [record] = records
+    assert record["policy"] == "process"
+    assert record["pid"] != record["owner_pid"]
+    assert record["access_stack"][0]["line"] == line_of(FORK, "in child")
+    assert record["creation_stack"][0]["line"] == line_of(FORK, "created")
+    assert "inherited across fork()" in record["message"]
+
+
+def test_dedup_counts_repeats_of_one_site(tmp_path: Path) -> None:
+    source = """
+        import sqlite3, threading
+        conn = sqlite3.connect(":memory:")
+        def use():
+            for _ in range(5):
+                try:
+                    conn.execute("select 1")
+                except sqlite3.ProgrammingError:
+                    pass
+        t = threading.Thread(target=use); t.start(); t.join()
+    """
+    proc, records = run_program(tmp_path, source)
+    assert len(records) == 1
+    assert "5 x thread-affinity (strict)" in proc.stderr.replace("    ", " ").replace("  ", " ")
+
+
+def test_unset_variable_imports_and_patches_nothing(tmp_path: Path) -> None:
+    source = """
+        import sys, sqlite3
+        print(sorted(m for m in sys.modules if m.startswith(("sanitizer", "wrapt", "structlog"))))
+        print(type(sqlite3.connect(":memory:")) is sqlite3.Connection)
+    """
+    proc, _ = run_program(tmp_path, source, env_value=None)
+    assert proc.stdout.split() == ["[]", "True"]
+
+
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_off_words_switch_it_off(tmp_path: Path, value: str) -> None:
+    source = "import sys; print(any(m.startswith('sanitizer') for m in sys.modules))"
+    (tmp_path / "app.py").write_text(source)
+    env = {**os.environ, "SANITIZE_THREADS": value}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bad_option_is_one_line_and_program_runs_unsanitized(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("print('ran')")
+    env = {**os.environ, "SANITIZE_THREADS": "format=fancy"}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "ran"
+    assert out.returncode == 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "'format'" in lines[0] and "json, console" in lines[0] and "fancy" in lines[0]
+
+
+def test_unknown_key_names_the_key_and_the_accepted_ones(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("pass")
+    env = {**os.environ, "SANITIZE_THREADS": "stack_dept=3"}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    [line] = out.stderr.strip().splitlines()
+    assert "'stack_dept'" in line and "stack_depth" in line
+
+
+def test_help_prints_every_option_and_exits(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("print('should not run')")
+    env = {**os.environ, "SANITIZE_THREADS": "help"}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "should not run" not in out.stdout
+    for key in ("action", "log_file", "format", "stack_depth", "suppressions", "exitcode",
+                "plugins", "track", "include_args"):
+        assert key in out.stdout
+
+
+def test_subprocesses_inherit_the_sanitizer(tmp_path: Path) -> None:
+    child = tmp_path / "child.py"
+    child.write_text(DEAD_OWNER.replace("check_same_thread=False", "check_same_thread=True")
+                     .replace("\n    ", "\n"))
+    source = f"""
+        import subprocess, sys
+        subprocess.run([sys.executable, {str(child)!r}], check=True)
+    """
+    proc, records = run_program(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["policy"] for r in records] == ["strict"]
+    assert records[0]["creation_stack"][0]["file"] == str(child)
+
+
+def test_python_dash_m_works(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(DEAD_OWNER.replace("=False", "=True")
+                                     .replace("\n    ", "\n"))
+    proc, records = run_program(tmp_path, "", args=[sys.executable, "-m", "pkg"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(records) == 1
+
+
+class TestCli:
+    def test_exit_code_is_the_programs_own(self, tmp_path: Path) -> None:
+        source = "import sys; sys.exit(3)"
+        proc, _ = run_program(tmp_path, source, env_value=None, args=[
+            sys.executable, "-m", "sanitizer", "run", "app.py"])
+        assert proc.returncode == 3
+
+    def test_exitcode_option_applies_when_violations_were_found(self, tmp_path: Path) -> None:
+        log = tmp_path / "v.jsonl"
+        proc, _ = run_program(tmp_path, DEAD_OWNER.replace("=False", "=True"), env_value=None,
+                              args=[sys.executable, "-m", "sanitizer", "run", "--exitcode",
+                                    "66", "--log-file", str(log), "app.py"])
+        assert proc.returncode == 66, proc.stderr
+        assert json.loads(log.read_text().splitlines()[0])["policy"] == "strict"
+
+    def test_exitcode_is_untouched_without_violations(self, tmp_path: Path) -> None:
+        proc, _ = run_program(tmp_path, DEAD_OWNER, env_value=None, args=[
+            sys.executable, "-m", "sanitizer", "run", "--exitcode", "66", "app.py"])
+        assert proc.returncode == 0, proc.stderr
+
+    def test_bad_flag_value_exits_2_with_one_line(self, tmp_path: Path) -> None:
+        proc, _ = run_program(tmp_path, "print('ran')", env_value=None, args=[
+            sys.executable, "-m", "sanitizer", "run", "--action", "explode", "app.py"])
+        assert proc.returncode == 2
+        assert "ran" not in proc.stdout
+        [line] = proc.stderr.strip().splitlines()
+        assert "'action'" in line and "log, warn, raise" in line
+
+    def test_console_script_and_module_mode(self, tmp_path: Path) -> None:
+        pkg = tmp_path / "mod.py"
+        pkg.write_text("import sys; print('args', sys.argv[1:])")
+        script = Path(sys.executable).parent / "sanitize-threads"
+        proc = subprocess.run([str(script), "run", "-m", "mod", "a", "b"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "args ['a', 'b']" in proc.stdout
+
+    def test_children_of_the_cli_are_sanitized(self, tmp_path: Path) -> None:
+        log = tmp_path / "v.jsonl"
+        child = tmp_path / "child.py"
+        child.write_text(DEAD_OWNER.replace("=False", "=True").replace("\n    ", "\n"))
+        source = f"import subprocess, sys; subprocess.run([sys.executable, {str(child)!r}])"
+        proc, _ = run_program(tmp_path, source, env_value=None, args=[
+            sys.executable, "-m", "sanitizer", "run", "--log-file", str(log), "app.py"])
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(log.read_text().splitlines()[0])["policy"] == "strict"
+
+
+def test_console_format_reads_like_a_thread_sanitizer_report(tmp_path: Path) -> None:
+    source = DEAD_OWNER.replace("=False", "=True")
+    (tmp_path / "app.py").write_text(__import__("textwrap").dedent(source))
+    env = {**os.environ, "SANITIZE_THREADS": "format=console"}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    text = out.stderr
+    assert "WARNING: thread-affinity violation (strict) on sqlite3.Connection" in text
+    assert "execute by thread T" in text and "'user'" in text
+    assert "created by thread T" in text and "'maker'" in text and "exited" in text
+    used = line_of(source, "used")
+    assert f"SUMMARY: thread-affinity (strict) {tmp_path / 'app.py'}:{used} in use" in text
+    headline = text.index("WARNING:")
+    assert text.index("execute by") > headline
+    assert text.index("created by") > text.index("execute by")
+    assert text.index("SUMMARY:") > text.index("created by")
