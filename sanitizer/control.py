@@ -129,12 +129,15 @@ class Sanitizer:
         return ownership.new_record(policy, obj, name=name,
                                     stack_depth=self.options.stack_depth)
 
-    def instrument_class(self, cls: type, policy: policies.Policy) -> None:
+    def instrument_class(self, cls: type, policy: policies.Policy, *,
+                         track_instances: bool = True) -> None:
+        """Guard ``cls`` in place; with ``track_instances``, every new instance is tracked."""
         if not hasattr(cls, "__dict__") or cls.__flags__ & (1 << 9) == 0:  # not a heap type
             raise ConfigError(f"cannot patch built-in type {cls.__qualname__}; track the "
                               "factory that returns its instances instead",
                               key="track", value=cls.__qualname__)
-        patch_class(cls, policy, self.patcher.replace, lambda obj: self.new_record(obj, policy))
+        make_record = (lambda obj: self.new_record(obj, policy)) if track_instances else None
+        patch_class(cls, policy, self.patcher.replace, make_record)
 
     def track(self, obj: Any, policy: policies.Policy, name: str | None = None) -> Any:
         from sanitizer.proxy import make_proxy
@@ -142,8 +145,9 @@ class Sanitizer:
         if ownership.record_of(obj) is not None:
             return obj
         cls = type(obj)
-        if "__dict__" in dir(obj) and cls.__flags__ & (1 << 9):  # a Python class
-            self.instrument_class(cls, policy)
+        patched_for = vars(cls).get("__sanitizer_policy__", policy)
+        if "__dict__" in dir(obj) and cls.__flags__ & (1 << 9) and patched_for is policy:
+            self.instrument_class(cls, policy, track_instances=False)
             obj.__dict__["_sanitizer_record"] = self.new_record(obj, policy, name)
             return obj
         return make_proxy(obj, self.new_record(obj, policy, name))

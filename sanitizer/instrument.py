@@ -80,19 +80,23 @@ def patch_class(
     cls: type,
     policy: Policy,
     patch: Callable[[Any, str, Any], Any],
-    make_record: Callable[[Any], Any],
+    make_record: Callable[[Any], Any] | None,
     methods: Methods | None = None,
 ) -> None:
-    """Guard a Python class in place; instances made from now on get a record in __init__.
+    """Guard a Python class in place.
 
     ``patch(owner, name, value)`` sets attributes (a Patcher, so that they can be
-    restored). Instances made before keep the class-level UNTRACKED record.
+    restored). With ``make_record``, instances made from now on get a record in
+    ``__init__``; other instances keep the class-level UNTRACKED record and are
+    not checked.
     """
-    if "_sanitizer_record" in vars(cls):  # already patched
+    if "_sanitizer_record" not in vars(cls):
+        patch(cls, "_sanitizer_record", UNTRACKED)
+        patch(cls, "__sanitizer_policy__", policy)  # the guards are compiled for it
+        for name, guard in guards(cls, policy, methods or public_methods(cls)).items():
+            patch(cls, name, guard)
+    if make_record is None or "__sanitizer_init__" in vars(cls):
         return
-    patch(cls, "_sanitizer_record", UNTRACKED)
-    for name, guard in guards(cls, policy, methods or public_methods(cls)).items():
-        patch(cls, name, guard)
     original_init = cls.__init__
 
     @functools.wraps(original_init)
@@ -106,3 +110,4 @@ def patch_class(
         original_init(self, *args, **kwargs)
 
     patch(cls, "__init__", __init__)
+    patch(cls, "__sanitizer_init__", True)

@@ -1,0 +1,296 @@
+"""The public API: track, thread_affine, transfer, shared, actions, suppressions, options."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Sanitized
+from test_sqlite3_plugin import in_thread
+
+import sanitizer
+from sanitizer import options as opts
+
+
+class Account:
+    def __init__(self) -> None:
+        self.balance = 0
+
+    def deposit(self, amount: int) -> None:
+        self.balance += amount
+
+    def __enter__(self) -> Account:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class TestTrack:
+    def test_python_object_is_tracked_in_place(self, sanitized: Sanitized) -> None:
+        account = sanitizer.track(Account(), name="main account")
+        assert type(account) is Account
+        account.deposit(1)
+        in_thread(lambda: account.deposit(2), name="intruder")
+        [violation] = sanitizer.violations()
+        assert violation.policy == "strict" and violation.operation == "deposit"
+        assert violation.object_name == "main account"
+        assert account.balance == 3  # the call went ahead (action=log)
+
+    def test_untracked_instances_of_a_patched_class_stay_silent(
+            self, sanitized: Sanitized) -> None:
+        sanitizer.track(Account())
+        plain = Account()
+        in_thread(lambda: plain.deposit(1))
+        assert sanitizer.violations() == []
+
+    def test_c_object_is_wrapped_in_a_transparent_proxy(self, sanitized: Sanitized) -> None:
+        tracked = sanitizer.track(sqlite3.connect(":memory:", check_same_thread=False),
+                                  policy="exclusive")
+        assert isinstance(tracked, sqlite3.Connection)
+        assert sanitizer.track(tracked) is tracked  # already tracked
+
+    def test_second_policy_on_one_class_gets_a_proxy(self, sanitized: Sanitized) -> None:
+        strict = sanitizer.track(Account())
+        exclusive = sanitizer.track(Account(), policy="exclusive")
+        assert type(strict) is Account and type(exclusive) is not Account
+        assert isinstance(exclusive, Account)
+        in_thread(lambda: exclusive.deposit(1))  # handoff: fine under exclusive
+        assert sanitizer.violations() == []
+        in_thread(lambda: strict.deposit(1))
+        assert [v.policy for v in sanitizer.violations()] == ["strict"]
+
+    def test_track_is_a_no_op_while_disabled(self) -> None:
+        assert not sanitizer.is_enabled()
+        account = Account()
+        assert sanitizer.track(account) is account
+        assert "_sanitizer_record" not in vars(account)
+
+    def test_transfer_makes_the_caller_the_owner(self, sanitized: Sanitized) -> None:
+        account = sanitizer.track(Account())
+
+        def take_over() -> None:
+            sanitizer.transfer(account)
+            account.deposit(1)
+        in_thread(take_over)
+        assert sanitizer.violations() == []
+        account.deposit(1)  # the main thread no longer owns it
+        assert [v.policy for v in sanitizer.violations()] == ["strict"]
+
+    def test_shared_allows_cross_thread_use_inside_only(self, sanitized: Sanitized) -> None:
+        account = sanitizer.track(Account())
+        with sanitizer.shared(account), sanitizer.shared(account):  # nests, counted
+            in_thread(lambda: account.deposit(1))
+        assert sanitizer.violations() == []
+        in_thread(lambda: account.deposit(1))
+        assert len(sanitizer.violations()) == 1
+
+
+@sanitizer.thread_affine
+class Session:
+    def query(self) -> str:
+        return "rows"
+
+    def __iter__(self) -> Any:
+        return iter([1])
+
+
+@sanitizer.thread_affine(policy="exclusive")
+class Pool:
+    def get(self, wait: threading.Event | None = None, entered: threading.Event | None = None
+            ) -> str:
+        if entered is not None:
+            entered.set()
+        if wait is not None:
+            wait.wait(10)
+        return "conn"
+
+
+class TestThreadAffine:
+    def test_methods_and_use_dunders_are_checked(self, sanitized: Sanitized) -> None:
+        session = Session()
+        assert session.query() == "rows"
+        in_thread(session.query)
+        in_thread(lambda: list(session))
+        assert sorted(v.operation for v in sanitizer.violations()) == ["__iter__", "query"]
+
+    def test_class_is_untouched_while_disabled(self) -> None:
+        assert Session.query.__qualname__ == "Session.query"
+        assert "_sanitizer_record" not in vars(Session)
+
+    def test_disable_restores_the_class(self, sanitized: Sanitized) -> None:
+        assert "_sanitizer_record" in vars(Session)
+        sanitizer.disable()
+        assert "_sanitizer_record" not in vars(Session)
+        in_thread(Session().query)  # nothing to report, nothing raised
+
+    def test_exclusive_allows_handoff_and_catches_overlap(self, sanitized: Sanitized) -> None:
+        pool = Pool()
+        in_thread(pool.get)  # handoff
+        assert sanitizer.violations() == []
+        entered, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=pool.get, args=(release, entered), name="holder")
+        holder.start()
+        entered.wait(10)
+        pool.get()
+        release.set()
+        holder.join()
+        [violation] = sanitizer.violations()
+        assert violation.policy == "exclusive"
+        assert violation.holder_thread is not None
+        assert violation.holder_thread["name"] == "holder"
+
+
+class TestActions:
+    def test_raise_stops_the_call_before_the_library(self, enable: Any) -> None:
+        enable(action="raise")
+        conn = sqlite3.connect(":memory:")
+        with pytest.raises(sanitizer.ThreadAffinityError) as info:
+            in_thread(lambda: conn.execute("select 1"))
+        assert info.value.violation.policy == "strict"
+        assert "belongs to thread T" in str(info.value)
+        with pytest.raises(sanitizer.ThreadAffinityError):  # every time, not only the first
+            in_thread(lambda: conn.execute("select 1"))
+
+    def test_warn_issues_a_warning_at_the_access_site(self, enable: Any) -> None:
+        enable(action="warn")
+        account = sanitizer.track(Account())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            in_thread(lambda: account.deposit(1))
+        [warning] = [w for w in caught if w.category is sanitizer.ThreadAffinityWarning]
+        assert warning.filename == __file__
+
+    def test_log_plus_raise(self, enable: Any) -> None:
+        run = enable(action="log+raise")
+        account = sanitizer.track(Account())
+        with pytest.raises(sanitizer.ThreadAffinityError):
+            in_thread(lambda: account.deposit(1))
+        assert len(run.records()) == 1
+
+
+class TestSuppressions:
+    def test_rules_suppress_and_unused_ones_are_listed(self, enable: Any,
+                                                       tmp_path: Path) -> None:
+        rules = tmp_path / "suppressions.txt"
+        rules.write_text("# comment\nobject:*Account\nsite:nowhere.py:12\nfunction:no.such\n")
+        run = enable(suppressions=str(rules))
+        account = sanitizer.track(Account())
+        in_thread(lambda: account.deposit(1))
+        assert run.records() == []
+        summary = "\n".join(sanitizer_running().reporter.exit_summary())
+        assert "nowhere.py" in summary and "no.such" in summary and "Account" not in summary
+
+    def test_site_and_function_rules(self, enable: Any, tmp_path: Path) -> None:
+        rules = tmp_path / "s.txt"
+        rules.write_text(f"site:*/{Path(__file__).name}\n")
+        run = enable(suppressions=str(rules))
+        account = sanitizer.track(Account())
+        in_thread(lambda: account.deposit(1))
+        assert run.records() == []
+
+    def test_bad_rule_names_file_and_line(self, tmp_path: Path) -> None:
+        rules = tmp_path / "s.txt"
+        rules.write_text("object:ok\nsight:typo.py\n")
+        with pytest.raises(sanitizer.ConfigError, match=r"s.txt:2: bad rule 'sight:typo.py'"):
+            sanitizer.enable(suppressions=str(rules))
+        assert not sanitizer.is_enabled()
+
+
+def sanitizer_running() -> Any:
+    from sanitizer import control
+    return control.running()
+
+
+class TestNeverBreakTheHost:
+    def test_internal_error_is_reported_once_and_the_call_goes_ahead(
+            self, sanitized: Sanitized, monkeypatch: pytest.MonkeyPatch) -> None:
+        from sanitizer import control
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("bug in the sanitizer")
+        monkeypatch.setattr(control.Sanitizer, "_build", broken)
+        account = sanitizer.track(Account())
+        in_thread(lambda: account.deposit(1))
+        in_thread(lambda: account.deposit(1))
+        assert account.balance == 2
+        lines = [line for line in sanitized.log.read_text().splitlines()
+                 if "sanitizer_internal_error" in line]
+        assert len(lines) == 1 and "bug in the sanitizer" in lines[0]
+
+    def test_enable_is_idempotent(self, sanitized: Sanitized) -> None:
+        from sanitizer import control
+
+        first = control.running()
+        sanitizer.enable(action="raise")
+        assert control.running() is first
+
+    def test_track_option_patches_on_import(self, enable: Any, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "thirdparty_client.py").write_text(
+            "class Client:\n    def get(self):\n        return 1\n"
+            "def make():\n    return Client()\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        enable(track="thirdparty_client:Client")
+        assert "thirdparty_client" not in sys.modules  # never imported by us
+        import thirdparty_client  # type: ignore[import-not-found]
+
+        client = thirdparty_client.make()
+        in_thread(client.get)
+        assert [v.object_type for v in sanitizer.violations()] == ["thirdparty_client.Client"]
+        sys.modules.pop("thirdparty_client")
+
+
+class TestOptions:
+    def test_one_vocabulary(self) -> None:
+        parsed = opts.parse("action=warn+raise,stack_depth=4,format=json")
+        assert parsed == opts.from_kwargs({"action": "warn+raise", "stack_depth": 4,
+                                           "format": "json"})
+        assert parsed is not None and parsed.action == ("warn", "raise")
+
+    @pytest.mark.parametrize("text", ["1", "on", "true", "yes"])
+    def test_on_words_mean_defaults(self, text: str) -> None:
+        assert opts.parse(text) == opts.DEFAULTS
+
+    @pytest.mark.parametrize("text", ["", "0", "off", "no"])
+    def test_off_words(self, text: str) -> None:
+        assert opts.parse(text) is None
+
+    def test_bare_action_word(self) -> None:
+        parsed = opts.parse("raise")
+        assert parsed is not None and parsed.action == ("raise",)
+
+    @pytest.mark.parametrize(("text", "fragment"), [
+        ("stack_depth=0", "'stack_depth'; expected a whole number from 1 to 256"),
+        ("action=shout", "'action'; expected one or more of log, warn, raise"),
+        ("exitcode=300", "'exitcode'"),
+        ("track=not a spec", "'track'"),
+        ("colour=red", "unknown option 'colour'; accepted options: action, log_file"),
+    ])
+    def test_errors_name_key_and_accepted_values(self, text: str, fragment: str) -> None:
+        with pytest.raises(sanitizer.ConfigError) as info:
+            opts.parse(text)
+        assert fragment in str(info.value)
+        assert "\n" not in str(info.value)
+
+    def test_round_trip_through_the_environment_form(self) -> None:
+        options = opts.from_kwargs({"action": "raise", "stack_depth": 3, "track": "a.b:C"})
+        assert opts.parse(options.to_string()) == options
+
+    def test_plugins_selection(self) -> None:
+        only = opts.parse("plugins=sqlite3")
+        assert only is not None and only.plugin_enabled("sqlite3")
+        assert not only.plugin_enabled("django")
+        without = opts.parse("plugins=-django")
+        assert without is not None and without.plugin_enabled("sqlite3")
+        assert not without.plugin_enabled("django")
+
+    def test_unknown_plugin_is_a_config_error(self) -> None:
+        with pytest.raises(sanitizer.ConfigError, match="unknown plugin 'nosuch'"):
+            sanitizer.enable(plugins="nosuch")
+        assert not sanitizer.is_enabled()
