@@ -77,6 +77,8 @@ class Sanitizer:
         self.finalizer_names.update(plugin.finalizers)
         if plugin.describe_thread is not None:
             threads.add_describer(plugin.describe_thread)
+        if plugin.setup is not None:
+            plugin.setup(context)  # a ConfigError here (bad plugin option) stops enable()
         for module_name, installer in plugin.hooks.items():
             self._on_import(module_name, self._guarded_installer(plugin, installer, context))
 
@@ -275,7 +277,7 @@ def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
 def _message(v: Violation, token: threads.ThreadToken, owner: threads.ThreadToken) -> str:
     what = f"{v.object_type}.{v.operation}"
     me = f"thread {token.label} '{token.current_name()}'"
-    root = v.root_type or "object"
+    root = v.root_type or v.object_type
     if v.policy == "process":
         return (f"{what} used in process {v.pid}, but the {root} was created in process "
                 f"{v.owner_pid} and inherited across fork()")

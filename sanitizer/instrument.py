@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sanitizer.ownership import UNTRACKED
-from sanitizer.policies import Policy
+from sanitizer.policies import RECORD, Policy
 
 # Method name -> parameter list of its guard ("" for none, None for *args, **kwargs).
 Methods = Mapping[str, "str | None"]
@@ -36,7 +36,7 @@ def public_methods(cls: type) -> dict[str, str | None]:
 
 
 def guards(
-    base: type, policy: Policy, methods: Methods, operation_prefix: str = ""
+    base: type, policy: Policy, methods: Methods, record: str = RECORD
 ) -> dict[str, Callable[..., Any]]:
     """Guarded versions of ``base``'s methods, calling the originals through."""
     namespace: dict[str, Callable[..., Any]] = {}
@@ -45,8 +45,8 @@ def guards(
         if original is None:
             continue
         namespace[name] = policy.guard(
-            original, f"{operation_prefix}{name}", params if params is not None
-            else "*args, **kwargs", name=name)
+            original, name, params if params is not None else "*args, **kwargs", name=name,
+            record=record)
     return namespace
 
 
@@ -56,22 +56,24 @@ def tracked_subclass(
     policy: Policy,
     methods: tuple[tuple[str, str | None], ...],
     extra: tuple[tuple[str, Any], ...] = (),
+    record: str = RECORD,
 ) -> type:
     """A subclass of ``base`` whose methods check ``policy``; cached per arguments.
 
-    Instances hold their record in the ``_sanitizer_record`` slot and report
+    Instances hold their record in the ``_sanitizer_record`` slot, unless
+    ``record`` reads it from elsewhere (a derived object's parent), and report
     ``base`` as their type. ``type(obj)`` is this subclass: isinstance() against
     ``base`` and its bases holds.
     """
     namespace: dict[str, Any] = {
-        "__slots__": ("_sanitizer_record",),
+        "__slots__": ("_sanitizer_record",) if record == RECORD else (),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "__sanitizer_public_type__": getattr(base, "__sanitizer_public_type__", base),
         "__sanitizer_policy__": policy,
     }
-    namespace.update(guards(base, policy, dict(methods)))
+    namespace.update(guards(base, policy, dict(methods), record))
     namespace.update(extra)
     return type(base.__name__, (base,), namespace)
 

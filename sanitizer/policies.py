@@ -20,17 +20,18 @@ from sanitizer import stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.ownership import FORKED, OwnerRecord, record_of
 
-# Guard bodies. ``{call}`` is the call through to the real method and
-# ``{operation}`` the name reported for it. Names used: local, slow, policy.
+# Guard bodies. ``{record}`` reads the owner record (usually the object's own
+# slot; a derived object may read its parent's), ``{call}`` calls through to the
+# real method and ``{operation}`` names it in reports. Names: local, slow, policy.
 STRICT = """\
-record = self._sanitizer_record
+record = {record}
 if local.token is not record.owner:
     slow(self, record, {operation!r}, None)
 return {call}
 """
 
 EXCLUSIVE = """\
-record = self._sanitizer_record
+record = {record}
 me = local.token
 holder = record.busy
 if holder is None:
@@ -45,7 +46,7 @@ return {call}
 """
 
 PROCESS = """\
-record = self._sanitizer_record
+record = {record}
 if record.busy is not None:
     slow(self, record, {operation!r}, record.busy)
 return {call}
@@ -53,13 +54,16 @@ return {call}
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
-record = self._sanitizer_record
+record = {record}
 state = policy.enter(self, record, {operation!r})
 try:
     return {call}
 finally:
     policy.exit(self, record, state)
 """
+
+
+RECORD = "self._sanitizer_record"
 
 
 class Policy:
@@ -91,11 +95,27 @@ class Policy:
         *,
         name: str | None = None,
         defaults: dict[str, Any] | None = None,
+        record: str = RECORD,
     ) -> FunctionType:
         """A function ``(self, <params>)`` that checks this policy, then calls ``func(self, ...)``."""
         call = f"func(self, {call_arguments(params)})"
         return compile_guard(self, call, operation, params, name or operation,
-                             {"func": func, **(defaults or {})}, wrapped=func)
+                             {"func": func, **(defaults or {})}, wrapped=func, record=record)
+
+    def guard_expression(
+        self,
+        call: str,
+        operation: str,
+        params: str,
+        namespace: dict[str, Any],
+        *,
+        record: str = RECORD,
+    ) -> FunctionType:
+        """Like ``guard``, but the call through is an expression over ``namespace``.
+
+        For hot paths that can reach C directly without an extra Python frame.
+        """
+        return compile_guard(self, call, operation, params, operation, namespace, record=record)
 
     @functools.cache  # noqa: B019 - policies are few and live for the process
     def call_guard(self, operation: str) -> FunctionType:
@@ -196,8 +216,9 @@ def compile_guard(
     namespace: dict[str, Any],
     *,
     wrapped: Callable[..., Any] | None = None,
+    record: str = RECORD,
 ) -> FunctionType:
-    body = policy.template.format(call=call, operation=operation)
+    body = policy.template.format(call=call, operation=operation, record=record)
     source = f"def {name}(self, {params}):\n" + "".join(
         "    " + line + "\n" for line in body.splitlines()
     )
@@ -206,6 +227,7 @@ def compile_guard(
     guard: FunctionType = scope[name]
     if wrapped is not None:
         functools.update_wrapper(guard, wrapped)
+        guard.__name__ = guard.__qualname__ = name
     guard.__sanitizer_policy__ = policy  # type: ignore[attr-defined]
     return guard
 

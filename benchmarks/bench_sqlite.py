@@ -1,0 +1,116 @@
+"""Per-call overhead of tracked sqlite3 connections, as a ratio to the raw call, in one run.
+
+Uses pyperf (calibrated loops, worker processes, medians) rather than a
+hand-rolled timer. Also measures interpreter start-up with the package
+installed but switched off: the .pth line costs one environ lookup.
+
+    python benchmarks/bench_sqlite.py            # quick (pyperf --fast)
+    python benchmarks/bench_sqlite.py --rigorous # slower, tighter
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyperf
+
+import sanitizer
+
+STATEMENT = "select 1"
+# Targets from the issue: added nanoseconds per call at the median.
+TARGETS = {"strict": 250.0, "exclusive": 400.0}
+
+
+def time_execute(loops: int, conn: Any) -> float:
+    execute = conn.execute
+    start = pyperf.perf_counter()
+    for _ in range(loops):
+        execute(STATEMENT)
+    return pyperf.perf_counter() - start
+
+
+def time_fetchall(loops: int, conn: Any) -> float:
+    cursor = conn.cursor()
+    execute, fetchall = cursor.execute, cursor.fetchall
+    start = pyperf.perf_counter()
+    for _ in range(loops):
+        execute(STATEMENT)
+        fetchall()
+    return pyperf.perf_counter() - start
+
+
+def startup_commands(workdir: Path) -> dict[str, list[str]]:
+    """python -S + site.addsitedir(D), with and without sanitizer.pth in D: exactly its cost."""
+    installed = Path(sanitizer.__file__).resolve().parent.parent / "sanitizer.pth"
+    with_pth, without_pth = workdir / "with", workdir / "without"
+    with_pth.mkdir()
+    without_pth.mkdir()
+    (with_pth / "sanitizer.pth").write_text(installed.read_text())
+    code = "import site, sys; site.addsitedir(sys.argv[1])"
+    return {
+        "startup, empty site dir": [sys.executable, "-S", "-c", code, str(without_pth)],
+        "startup, sanitizer.pth, switched off": [sys.executable, "-S", "-c", code,
+                                                 str(with_pth)],
+    }
+
+
+def main() -> None:
+    runner = pyperf.Runner()
+    runner.metadata["description"] = __doc__.splitlines()[0]
+    os.environ.pop("SANITIZE_THREADS", None)
+    sanitizer.enable(log_file=os.devnull)
+    raw = sqlite3.Connection(":memory:")  # constructed directly: not tracked
+    strict = sqlite3.connect(":memory:")
+    exclusive = sqlite3.connect(":memory:", check_same_thread=False)
+    assert type(raw) is sqlite3.Connection and type(strict) is not sqlite3.Connection
+
+    results: dict[str, Any] = {}
+    for name, conn in (("raw", raw), ("strict", strict), ("exclusive", exclusive)):
+        results[f"execute {name}"] = runner.bench_time_func(
+            f"conn.execute {name}", time_execute, conn)
+        results[f"cursor {name}"] = runner.bench_time_func(
+            f"cursor.execute+fetchall {name}", time_fetchall, conn)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    for name, command in startup_commands(workdir).items():
+        results[name] = runner.bench_command(name, command)
+
+    if runner.args.worker or any(r is None for r in results.values()):
+        return
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    def ns(key: str) -> float:
+        return float(results[key].median()) * 1e9
+
+    print("\nPer call, median (ns); overhead = tracked - raw, measured in this run:")
+    failed = False
+    for kind in ("execute", "cursor"):
+        base = ns(f"{kind} raw")
+        label = "conn.execute" if kind == "execute" else "cursor.execute+fetchall"
+        print(f"  {label:<26} raw      {base:8.0f}")
+        for policy in ("strict", "exclusive"):
+            value = ns(f"{kind} {policy}")
+            overhead = value - base
+            verdict = ""
+            if kind == "execute":
+                ok = overhead <= TARGETS[policy]
+                failed |= not ok
+                verdict = f"  target <= {TARGETS[policy]:.0f} ns: {'ok' if ok else 'MISSED'}"
+            print(f"  {label:<26} {policy:<8} {value:8.0f}  +{overhead:5.0f} ns  "
+                  f"x{value / base:.2f}{verdict}")
+    empty, pth = ns("startup, empty site dir"), ns("startup, sanitizer.pth, switched off")
+    print(f"\nStart-up (python -S + addsitedir): without .pth {empty / 1e6:.2f} ms, "
+          f"with sanitizer.pth switched off {pth / 1e6:.2f} ms "
+          f"(difference {(pth - empty) / 1e3:+.0f} us, x{pth / empty:.3f})")
+    if failed:
+        print("\nA per-call target was missed on this machine.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""``make demo``: run the buggy example app under the sanitizer and show the report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> int:
+    app = HERE / "flask_style_app.py"
+    env = {**os.environ, "SANITIZE_THREADS": "format=console"}
+    print(f"$ SANITIZE_THREADS=format=console python {app.relative_to(HERE.parent)}\n",
+          flush=True)
+    # Capture and print in order: the report goes to the child's stderr.
+    result = subprocess.run([sys.executable, str(app)], env=env, capture_output=True, text=True)
+    print(result.stdout + result.stderr, flush=True)
+    if result.returncode != 0:
+        return result.returncode
+    print("\nThe same run as JSON lines (for machines): SANITIZE_THREADS=format=json\n",
+          flush=True)
+    env["SANITIZE_THREADS"] = "format=json"
+    json_run = subprocess.run([sys.executable, str(app)], env=env, capture_output=True,
+                              text=True)
+    print(json_run.stderr.splitlines()[0][:400] + " ...")
+    return json_run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
