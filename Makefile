@@ -28,7 +28,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check sanitizer plugins tests benchmarks examples
-	$(VENV)/bin/mypy
+	cd $(VENV) && bin/mypy --config-file ../pyproject.toml -p sanitizer
 
 bench: install
 	$(PY) benchmarks/bench_sqlite.py

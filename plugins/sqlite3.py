@@ -63,13 +63,13 @@ CURSOR_RECORD = "self.connection._sanitizer_record"
 
 
 @functools.cache
-def cursor_class(sqlite3: ModuleType, base: type, policy: Policy) -> type:
+def cursor_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     """Tracked subclass of a cursor factory; instances share their connection's record."""
     return tracked_subclass(base, policy, tuple(CURSOR_METHODS.items()), record=CURSOR_RECORD)
 
 
 @functools.cache
-def connection_class(sqlite3: ModuleType, base: type, policy: Policy) -> type:
+def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     """Tracked subclass of a connection factory, for one policy."""
     stock = sqlite3.Connection
     base_init = base.__init__
@@ -97,7 +97,8 @@ def connection_class(sqlite3: ModuleType, base: type, policy: Policy) -> type:
     # conn.execute() in C would call the guarded cursor() and cursor.execute()
     # again; one check is enough, so the guard builds the cursor and runs the
     # statement in C directly (Cursor.execute* return the cursor itself).
-    scope = {"base_cursor": base.cursor, "cursor_cls": cursor_class(sqlite3, sqlite3.Cursor, policy),
+    scope = {"base_cursor": base.cursor,
+             "cursor_cls": cursor_class(sqlite3, sqlite3.Cursor, policy),
              "default_cursor": sqlite3.Cursor, "tracked_cursor": tracked_cursor,
              "cursor_execute": sqlite3.Cursor.execute,
              "cursor_executemany": sqlite3.Cursor.executemany,
@@ -136,8 +137,8 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
     def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                 ) -> Any:
         # Positional layout of sqlite3.connect(): factory is 6th, check_same_thread 5th.
+        call_args, call_kwargs = list(args), dict(kwargs)
         try:
-            args, kwargs = list(args), dict(kwargs)
             factory = args[5] if len(args) > 5 else kwargs.get("factory", stock)
             same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
             if (isinstance(factory, type) and issubclass(factory, stock)
@@ -145,12 +146,13 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
                 policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
                 tracked = connection_class(sqlite3, factory, policy)
                 if len(args) > 5:
-                    args[5] = tracked
+                    call_args[5] = tracked
                 else:
-                    kwargs["factory"] = tracked
+                    call_kwargs["factory"] = tracked
         except Exception as exc:
             context.internal_error(exc, "sqlite3.connect")
-        return wrapped(*args, **kwargs)
+            call_args, call_kwargs = list(args), dict(kwargs)
+        return wrapped(*call_args, **call_kwargs)
 
     return connect
 

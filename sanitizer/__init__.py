@@ -40,7 +40,8 @@ def enable(**options: Any) -> None:
     Takes the same keys as ``SANITIZE_THREADS`` (``action="raise"``,
     ``log_file=...``); a bad one raises ConfigError naming it.
     """
-    from sanitizer import control, options as opts
+    from sanitizer import control
+    from sanitizer import options as opts
 
     control.enable(opts.from_kwargs(options))
 

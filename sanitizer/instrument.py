@@ -99,7 +99,7 @@ def patch_class(
             patch(cls, name, guard)
     if make_record is None or "__sanitizer_init__" in vars(cls):
         return
-    original_init = cls.__init__
+    original_init = cls.__init__  # type: ignore[misc]
 
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -97,7 +97,7 @@ class Policy:
         defaults: dict[str, Any] | None = None,
         record: str = RECORD,
     ) -> FunctionType:
-        """A function ``(self, <params>)`` that checks this policy, then calls ``func(self, ...)``."""
+        """A function ``(self, <params>)``: check this policy, then call ``func(self, ...)``."""
         call = f"func(self, {call_arguments(params)})"
         return compile_guard(self, call, operation, params, name or operation,
                              {"func": func, **(defaults or {})}, wrapped=func, record=record)
@@ -170,7 +170,8 @@ STRICT_POLICY = Strict()
 EXCLUSIVE_POLICY = Exclusive()
 PROCESS_POLICY = Process()
 
-_registry: dict[str, Policy] = {p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
+_registry: dict[str, Policy] = {
+    p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
 
 
 def register(policy: Policy) -> Policy:
@@ -234,7 +235,7 @@ def compile_guard(
 
 @functools.cache
 def call_arguments(params: str) -> str:
-    """The argument list that forwards a parameter list: ``a, b=1, *c, d`` -> ``a, b, *c, d=d``."""
+    """The arguments that forward a parameter list: ``a, b=1, *c, d`` -> ``a, b, *c, d=d``."""
     spec = ast.parse(f"def f({params}): pass").body[0].args  # type: ignore[attr-defined]
     parts = [a.arg for a in (*spec.posonlyargs, *spec.args)]
     if spec.vararg:

@@ -12,7 +12,7 @@ from sanitizer.ownership import OwnerRecord
 from sanitizer.policies import Policy, call_arguments, compile_guard
 
 
-class TrackedProxy(wrapt.ObjectProxy):  # type: ignore[misc]
+class TrackedProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """Base of generated proxy classes. Holds the record; everything else is the target's."""
 
     __slots__ = ("_sanitizer_record",)
@@ -36,7 +36,8 @@ def make_proxy(obj: Any, record: OwnerRecord, methods: Methods | None = None) ->
     """Wrap ``obj`` in a proxy that checks ``record.policy`` on the given (or public) methods."""
     assert record.policy is not None
     chosen = methods if methods is not None else public_methods(type(obj))
-    cls = proxy_class(type(obj), record.policy, tuple(sorted(chosen.items())))
+    cls = proxy_class(type(obj), record.policy,  # type: ignore[arg-type]
+                      tuple(sorted(chosen.items())))
     proxy = cls(obj)
     proxy._sanitizer_record = record
     return proxy

@@ -49,6 +49,15 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
         if not is_internal(code):
             frames.append((code, frame.f_lineno))
         frame = frame.f_back
+    if frame is not None and frames and all(is_library(code) for code, _ in frames):
+        # A deep library stack (an ORM call reaching the driver) filled the limit
+        # before the user's frame: keep walking to it, so that the site is theirs.
+        while frame is not None:
+            code = frame.f_code
+            if not is_internal(code) and not is_library(code):
+                frames.append((code, frame.f_lineno))
+                break
+            frame = frame.f_back
     return tuple(frames)
 
 
@@ -59,9 +68,17 @@ def frames_of(frame: FrameType | None) -> Iterator[FrameType]:
 
 
 def add_library(module_prefix: str) -> None:
-    """Mark a library's modules so that sites skip past them to the user's code."""
-    path = module_prefix.replace(".", os.sep)
-    for prefix in (os.sep + path + os.sep, os.sep + path + ".py"):
+    """Mark a library's modules so that sites skip past them to the user's code.
+
+    A prefix starting with ``<`` matches the pseudo filename of code the library
+    generates at run time (``<sqlalchemy generated`` ...) instead of a module.
+    """
+    if module_prefix.startswith("<"):
+        prefixes: tuple[str, ...] = (module_prefix,)
+    else:
+        path = module_prefix.replace(".", os.sep)
+        prefixes = (os.sep + path + os.sep, os.sep + path + ".py")
+    for prefix in prefixes:
         if prefix not in _library_prefixes:
             _library_prefixes.append(prefix)
 

@@ -10,10 +10,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+Records = list[dict[str, Any]]
+
 
 def run_program(tmp_path: Path, source: str, env_value: str | None = "1", *,
                 args: list[str] | None = None, extra_options: str = "",
-                timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+                timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], Records]:
     """Run ``source`` as a script with SANITIZE_THREADS set; return the process and JSON records."""
     script = tmp_path / "app.py"
     script.write_text(textwrap.dedent(source))

@@ -46,7 +46,7 @@ def test_connection_made_by_exited_thread_is_not_owned_by_a_later_one(tmp_path: 
 
 
 def test_record_has_exactly_the_documented_fields(tmp_path: Path) -> None:
-    proc, [record] = run_program(tmp_path, DEAD_OWNER.replace("=False", "=True"))
+    _, [record] = run_program(tmp_path, DEAD_OWNER.replace("=False", "=True"))
     required = {"event", "policy", "object_type", "object_id", "operation", "owner_thread",
                 "thread", "pid", "owner_pid", "creation_stack", "access_stack", "count",
                 "message", "timestamp", "level"}
