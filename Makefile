@@ -2,16 +2,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+REQUIREMENTS ?= requirements-dev.txt
 SOURCES := pyproject.toml sanitizer.pth $(shell find sanitizer plugins -name '*.py' 2>/dev/null)
+# The core suite also runs on these (pyenv interpreters; CI has them all).
+OTHER_PYTHONS ?= 3.10 3.12 3.13
+CORE_TESTS := tests/test_api.py tests/test_end_to_end.py tests/test_sqlite3_plugin.py
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-pythons lint bench clean
 
 # The package is installed as a real wheel (not editable): that is what users
 # get, it maps plugins/ to sanitizer.plugins, and it installs sanitizer.pth.
-$(VENV)/.stamp-deps: requirements-dev.txt
+$(VENV)/.stamp-deps: $(REQUIREMENTS) requirements/db.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt .
+	$(PY) -m pip install -q -r $(REQUIREMENTS) .
 	touch $@
 
 $(VENV)/.stamp-install: $(VENV)/.stamp-deps $(SOURCES)
@@ -23,15 +27,29 @@ install: $(VENV)/.stamp-install
 demo: install
 	$(PY) examples/demo.py
 
+# The entry-script pytest, not `python -m pytest`: that would put the source
+# tree (which has no sanitizer.plugins) ahead of the installed wheel.
 test: install
-	$(VENV)/bin/pytest -p no:cacheprovider
+	$(VENV)/bin/pytest -p no:cacheprovider -n 2
+
+test-pythons:
+	@for v in $(OTHER_PYTHONS); do \
+	  py=$$(ls -d $(HOME)/.pyenv/versions/$$v.*/bin/python 2>/dev/null | tail -1); \
+	  if [ -z "$$py" ]; then \
+	    if [ "$$CI" = true ]; then echo "Python $$v not found" >&2; exit 1; fi; \
+	    echo "Python $$v not found: skipped"; continue; fi; \
+	  $(MAKE) --no-print-directory install PYTHON=$$py VENV=.venv-$$v \
+	    REQUIREMENTS=requirements/core.txt || exit 1; \
+	  echo "== core suite on Python $$v"; \
+	  .venv-$$v/bin/pytest -p no:cacheprovider -q -p no:dbservers $(CORE_TESTS) || exit 1; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check sanitizer plugins tests benchmarks examples
 	cd $(VENV) && bin/mypy --config-file ../pyproject.toml -p sanitizer
 
 bench: install
-	$(PY) benchmarks/bench_sqlite.py
+	$(PY) benchmarks/bench_sqlite.py --fast
 
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-* build dist .mypy_cache .ruff_cache .pytest_cache
