@@ -37,6 +37,8 @@ class Plugin:
     describe_thread: ThreadDescriber | None = None
     #: The plugin's own option keys (``PLUGIN.KEY=value``), with their help.
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Runs once when the sanitizer starts, before any hook (e.g. to hook modules named in options).
+    setup: Callable[[Context], None] | None = None
 
     def check_options(self, values: Mapping[str, str]) -> None:
         for key, value in values.items():
@@ -75,9 +77,19 @@ class Context:
         name: str | None = None,
         resource: dict[str, Any] | None = None,
     ) -> ownership.OwnerRecord:
-        """A record owned by the calling thread; its creation site is the caller's caller."""
+        """A record owned by the calling thread; its creation site is the user's caller."""
         return ownership.new_record(policy, obj, object_type=object_type, name=name,
                                     resource=resource, stack_depth=self.stack_depth)
+
+    def when_imported(self, module_name: str, installer: Installer) -> None:
+        """Also run ``installer(module, self)`` when that module is imported (forgotten by disable)."""
+        sanitizer = self._sanitizer
+        sanitizer._on_import(module_name,
+                             sanitizer._guarded_installer(self.plugin, installer, self))
+
+    def track(self, obj: Any, policy: Policy, *, name: str | None = None) -> Any:
+        """Track an object a patched factory returned; use the return value (maybe a proxy)."""
+        return self._sanitizer.track(obj, policy, name)
 
     def internal_error(self, exc: BaseException, where: str) -> None:
         self._sanitizer.reporter.internal_error(exc, f"{self.plugin.name}: {where}")

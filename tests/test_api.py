@@ -294,3 +294,52 @@ class TestOptions:
         with pytest.raises(sanitizer.ConfigError, match="unknown plugin 'nosuch'"):
             sanitizer.enable(plugins="nosuch")
         assert not sanitizer.is_enabled()
+
+
+class TestThirdPartyPlugin:
+    def test_entry_point_plugin_from_the_readme(self, tmp_path: Path) -> None:
+        """A plugin installed under the sanitizer.plugins entry point is found and used."""
+        import subprocess
+
+        site = tmp_path / "site"
+        info = site / "mylib_sanitizer-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: mylib-sanitizer\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(
+            "[sanitizer.plugins]\nmylib = mylib_sanitizer:plugin\n")
+        (site / "mylib.py").write_text(
+            "class Client:\n"
+            "    def get(self, entered=None, release=None):\n"
+            "        if entered: entered.set(); release.wait(10)\n"
+            "        return 1\n"
+            "def connect():\n"
+            "    return Client()\n")
+        (site / "mylib_sanitizer.py").write_text(
+            "from sanitizer.plugin import Context, Plugin\n"
+            "from sanitizer.policies import EXCLUSIVE_POLICY\n"
+            "def install(module, context: Context) -> None:\n"
+            "    def connect(wrapped, instance, args, kwargs):\n"
+            "        return context.track(wrapped(*args, **kwargs), EXCLUSIVE_POLICY)\n"
+            "    context.wrap(module, 'connect', connect)\n"
+            "plugin = Plugin(name='mylib', hooks={'mylib': install}, libraries=('mylib',))\n")
+        app = tmp_path / "app.py"
+        app.write_text(
+            "import threading, sanitizer\n"
+            "sanitizer.enable(log_file='/dev/null')\n"
+            "import mylib\n"
+            "client = mylib.connect()\n"
+            "threading.Thread(target=client.get).start()  # handoff: fine\n"
+            "entered, release = threading.Event(), threading.Event()\n"
+            "holder = threading.Thread(target=client.get, args=(entered, release))\n"
+            "holder.start(); entered.wait(10)\n"
+            "client.get()  # overlaps the holder\n"
+            "release.set(); holder.join()\n"
+            "print([(v.policy, v.object_type) for v in sanitizer.violations()])\n")
+        env = {k: v for k, v in __import__("os").environ.items()
+               if not k.startswith("SANITIZE_THREADS")}
+        env["PYTHONPATH"] = str(site)
+        out = subprocess.run([sys.executable, str(app)], capture_output=True, text=True,
+                             env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[('exclusive', 'mylib.Client')]"
