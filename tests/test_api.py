@@ -246,6 +246,24 @@ class TestNeverBreakTheHost:
         sys.modules.pop("thirdparty_client")
 
 
+    def test_track_option_wraps_factories(self, enable: Any, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "thirdparty_factory.py").write_text(
+            "import sqlite3\ndef open_db():\n"
+            "    return sqlite3.Connection(':memory:', check_same_thread=False)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        enable(track="thirdparty_factory:open_db@exclusive")
+        import thirdparty_factory  # type: ignore[import-not-found]
+
+        conn = thirdparty_factory.open_db()  # a plain C connection: comes back as a proxy
+        assert isinstance(conn, sqlite3.Connection) and type(conn) is not sqlite3.Connection
+        in_thread(lambda: conn.execute("select 1"))  # handoff under exclusive: silent
+        assert sanitizer.violations() == []
+        sanitizer.disable()
+        assert type(thirdparty_factory.open_db()) is sqlite3.Connection  # unpatched
+        sys.modules.pop("thirdparty_factory")
+
+
 class TestOptions:
     def test_one_vocabulary(self) -> None:
         parsed = opts.parse("action=warn+raise,stack_depth=4,format=json")
