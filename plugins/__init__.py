@@ -1,4 +1,4 @@
-"""Built-in plugins, and discovery of third-party ones through the ``sanitizer.plugins`` entry point."""
+"""Built-in plugins, and third-party ones found through the ``sanitizer.plugins`` entry point."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "sanitizer.plugins"
 # Importing these modules never imports the library they instrument.
 BUILTIN = {
     "sqlite3": "sanitizer.plugins.sqlite3",
+    "sqlalchemy": "sanitizer.plugins.sqlalchemy",
 }
 
 

@@ -23,10 +23,23 @@ from sanitizer.ownership import FORKED, OwnerRecord, record_of
 # Guard bodies. ``{record}`` reads the owner record (usually the object's own
 # slot; a derived object may read its parent's), ``{call}`` calls through to the
 # real method and ``{operation}`` names it in reports. Names: local, slow, policy.
+#
+# One misuse, one report: a call that was reported runs on "quietly" (the
+# ``{reported}`` block), so the layers beneath it (Django's wrapper over
+# sqlite3, a Session over its DB-API connection) do not report it again.
+REPORTED = """\
+me.quiet += 1
+try:
+    return {call}
+finally:
+    me.quiet -= 1
+"""
+
 STRICT = """\
 record = {record}
-if local.token is not record.owner:
-    slow(self, record, {operation!r}, None)
+me = local.token
+if me is not record.owner and slow(self, record, {operation!r}, None):
+    {reported}
 return {call}
 """
 
@@ -40,15 +53,16 @@ if holder is None:
         return {call}
     finally:
         record.busy = None
-if holder is not me:
-    slow(self, record, {operation!r}, holder)
+if holder is not me and slow(self, record, {operation!r}, holder):
+    {reported}
 return {call}
 """
 
 PROCESS = """\
 record = {record}
-if record.busy is not None:
-    slow(self, record, {operation!r}, record.busy)
+if record.busy is not None and slow(self, record, {operation!r}, record.busy):
+    me = local.token
+    {reported}
 return {call}
 """
 
@@ -192,20 +206,27 @@ def get(policy: str | Policy) -> Policy:
         ) from None
 
 
-def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object) -> None:
-    """Decide whether an unusual call is a violation, and report it."""
+def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object) -> bool:
+    """Decide whether an unusual call is a violation, and report it.
+
+    True means the call is a violation (reported, or deduplicated, suppressed or
+    finalizing): guards then run it quietly, so that nested layers stay silent.
+    """
     policy = record.policy
     if policy is None:  # untracked instance of a patched class
-        return
+        return False
     token = threads.local.token
+    if token.quiet:  # beneath a call that was already reported
+        return False
     if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
         token = threads.local.token = threads.ThreadToken()
     violated = policy.violated(record, token, holder)
     if violated is None:
-        return
+        return False
     from sanitizer import control  # cold path; control imports this module
 
     control.violation(obj, record, operation, violated, token, holder)
+    return True
 
 
 def compile_guard(
@@ -219,7 +240,9 @@ def compile_guard(
     wrapped: Callable[..., Any] | None = None,
     record: str = RECORD,
 ) -> FunctionType:
-    body = policy.template.format(call=call, operation=operation, record=record)
+    reported = REPORTED.format(call=call).replace("\n", "\n    ").rstrip()
+    body = policy.template.format(call=call, operation=operation, record=record,
+                                  reported=reported)
     source = f"def {name}(self, {params}):\n" + "".join(
         "    " + line + "\n" for line in body.splitlines()
     )

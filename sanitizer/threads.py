@@ -21,7 +21,7 @@ _describers: list[ThreadDescriber] = []
 class ThreadToken:
     """One per thread per process. Compared by identity on the hot path."""
 
-    __slots__ = ("__weakref__", "ident", "name", "native_id", "pid", "serial", "thread")
+    __slots__ = ("__weakref__", "ident", "name", "native_id", "pid", "quiet", "serial", "thread")
 
     def __init__(self) -> None:
         thread = threading.current_thread()
@@ -31,6 +31,7 @@ class ThreadToken:
         self.serial = 0 if thread is threading.main_thread() else next(_serials)
         self.name = thread.name
         self.thread: weakref.ref[threading.Thread] = weakref.ref(thread)
+        self.quiet = 0  # > 0 inside a call already reported: nested layers stay silent
 
     @property
     def label(self) -> str:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,27 @@ def line_of(source: str, marker: str) -> int:
         if f"# {marker}" in line:
             return number
     raise AssertionError(f"marker {marker!r} not in source")
+
+
+def started(target: Callable[[], Any], name: str = "other"
+            ) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``target`` in a thread; the dict gets its result ("value") or exception ("error")."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = target()
+        except BaseException as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread, outcome
+
+
+def in_thread(target: Callable[[], Any], name: str = "other") -> Any:
+    """Run ``target`` in a new thread; return its result or re-raise its exception."""
+    thread, outcome = started(target, name)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

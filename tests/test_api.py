@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from test_sqlite3_plugin import in_thread
+from support import in_thread
 
 import sanitizer
 from sanitizer import options as opts
@@ -144,6 +144,26 @@ class TestThreadAffine:
         assert violation.policy == "exclusive"
         assert violation.holder_thread is not None
         assert violation.holder_thread["name"] == "holder"
+
+
+class TestLayers:
+    def test_one_misuse_is_reported_once_across_layers(self, sanitized: Sanitized) -> None:
+        @sanitizer.thread_affine
+        class Ledger:  # a tracked wrapper over a tracked object, like an ORM over a driver
+            def __init__(self) -> None:
+                self.account = sanitizer.track(Account())
+
+            def record(self) -> None:
+                self.account.deposit(1)  # also strict, also the wrong thread: same misuse
+
+        ledger, loose = Ledger(), sanitizer.track(Account(), name="loose")
+
+        def misuse() -> None:
+            ledger.record()
+            loose.deposit(1)  # after the reported call returned: checked as usual
+        in_thread(misuse)
+        assert [(v.operation, v.object_name) for v in sanitizer.violations()] == [
+            ("record", None), ("deposit", "loose")]
 
 
 class TestActions:
