@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "sanitizer.plugins"
 # Importing these modules never imports the library they instrument.
 BUILTIN = {
     "sqlite3": "sanitizer.plugins.sqlite3",
+    "dbapi": "sanitizer.plugins.dbapi",
     "sqlalchemy": "sanitizer.plugins.sqlalchemy",
 }
 

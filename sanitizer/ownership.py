@@ -106,13 +106,18 @@ def new_record(
     stack_depth: int = 16,
     name: str | None = None,
     resource: dict[str, Any] | None = None,
+    creation_stack: stacks.Stack | None = None,
 ) -> OwnerRecord:
-    """A record owned by the calling thread, with the caller's stack as its creation site."""
+    """A record owned by the calling thread, with the caller's stack as its creation site.
+
+    ``creation_stack`` skips the capture: for objects made per query (cursors)
+    that can reuse their parent's.
+    """
     record = OwnerRecord(
         policy,
         object_type or qualified_type(obj),
         id(obj),
-        creation_stack=stacks.capture(stack_depth),
+        creation_stack=stacks.capture(stack_depth) if creation_stack is None else creation_stack,
         name=name,
         resource=resource,
     )

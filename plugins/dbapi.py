@@ -1,0 +1,746 @@
+"""Thread-affinity checks for DB-API 2.0 drivers: psycopg2, psycopg, PyMySQL, mysqlclient and more.
+
+Policies follow each driver's PEP 249 ``threadsafety``:
+
+* level < 2 (PyMySQL, mysqlclient, most pure-Python drivers): connections may
+  not be shared between threads, so a connection and its cursors share one
+  ``exclusive`` record: any thread may use them, one at a time (handing a
+  connection through a pool is fine, two threads inside it at once is not).
+* level >= 2 (psycopg2, psycopg 3): threads may share a connection, so its
+  record gets the ``transaction`` policy: a statement, commit or rollback from
+  thread B while thread A has an open transaction on the connection is a
+  violation (B's work joins A's transaction, or B commits A's half-done work).
+  The holder is the thread whose statement opened the transaction (claimed
+  when a statement starts outside autocommit, so a commit racing with the first
+  INSERT is seen too); commit, rollback and close clear it. Cursors get their
+  own ``exclusive`` record, which reports their connection's creation site.
+
+Every connection also reports use in a child after ``fork()``. Records carry
+``resource`` = driver, host, port and database, never the password.
+
+Mechanisms, cheapest first: psycopg2 and psycopg 3 get generated subclasses of
+the requested connection and cursor factories (``isinstance`` holds and the
+objects go back into the C code as themselves); PyMySQL and mysqlclient are
+Python classes, patched in place. Drivers named in ``dbapi.drivers=a+b`` are
+wrapped at ``module.connect`` in transparent proxies (wrapt); at level >= 2
+their transactions are inferred (a statement outside ``autocommit`` opens one).
+
+Not tracked: connections from factories that are not classes (a function
+passed as psycopg2's ``connection_factory``), psycopg's AsyncConnection, and
+connections made before ``enable()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import re
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, cast
+
+from sanitizer import control, ownership, stacks, threads
+from sanitizer.exceptions import ConfigError
+from sanitizer.instrument import Methods, guards, tracked_subclass
+from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
+from sanitizer.plugin import Context, Plugin
+from sanitizer.policies import (
+    EXCLUSIVE_POLICY,
+    PROCESS_POLICY,
+    Policy,
+    compile_guard,
+    register,
+    slow_path,
+)
+from sanitizer.proxy import TrackedProxy
+
+# connection -> its libpq-style transaction status (PG_OPEN says which ones are open).
+Status = Callable[[Any], int]
+ConnectionOf = Callable[[Any], Any]
+
+# Operations that end the connection's transaction (when they succeed).
+ENDS_TRANSACTION = frozenset({
+    "commit", "rollback", "close", "__exit__", "reset", "tpc_commit", "tpc_rollback",
+})
+# libpq PGTransactionStatusType: ACTIVE, INTRANS, INERROR (IDLE=0 and UNKNOWN=4 are not open).
+PG_OPEN = frozenset({1, 2, 3})
+
+_context: Context | None = None
+
+
+# -- the transaction-aware policies (threadsafety >= 2) ---------------------------------
+
+
+def check_transaction(obj: object, record: OwnerRecord, operation: str,
+                      me: threads.ThreadToken) -> bool:
+    """Report ``operation`` if another thread holds an open transaction on the connection."""
+    holder = record.busy
+    if (holder is None or holder is me or holder is FORKED or record.sharing
+            or record.policy is None or me.pid != record.pid):
+        return False  # a forked child is reported by the process checks, once
+    if me.quiet:  # beneath a call (a Session's, say) already reported
+        return False
+    control.violation(obj, record, operation, "transaction", me, holder,
+                      _transaction_message(obj, operation, me, holder))
+    return True
+
+
+def _hush(me: threads.ThreadToken) -> bool:
+    """Run a reported call quietly, so that layers beneath it do not report it again."""
+    me.quiet += 1
+    return True
+
+
+def is_open(status: Status | None, conn: Any, operation: str) -> bool:
+    """Whether a transaction is open on ``conn`` after ``operation``."""
+    try:
+        if status is not None:
+            return status(conn) in PG_OPEN
+        # A driver we cannot ask: PEP 249 opens a transaction with the first statement.
+        if operation in ENDS_TRANSACTION:
+            return False
+        autocommit = getattr(conn, "autocommit", False)
+        return not (isinstance(autocommit, bool) and autocommit)
+    except Exception:  # a broken or closed connection has no transaction to hold
+        return False
+
+
+def _transaction_message(obj: object, operation: str, me: threads.ThreadToken,
+                         holder: object) -> str:
+    them = "another thread"
+    if isinstance(holder, threads.ThreadToken):
+        them = f"thread {holder.label} '{holder.current_name()}'"
+        if not holder.alive:
+            them += " (which exited without ending it)"
+    effect = ("ends that thread's transaction" if operation in ENDS_TRANSACTION
+              else "runs inside that thread's transaction")
+    return (f"{qualified_type(obj)}.{operation} called by thread {me.label} "
+            f"'{me.current_name()}' while {them} has an open transaction on the same "
+            f"connection: it {effect} (transaction policy)")
+
+
+class TransactionPolicy(Policy):
+    """Connections of drivers at threadsafety >= 2: shared, but not inside another's transaction.
+
+    ``record.busy`` holds the token of the thread whose statement opened the
+    transaction (None when there is none, FORKED in a forked child). ``status``
+    reads the driver's libpq-style transaction status; None infers it.
+    """
+
+    name = "transaction"
+
+    def __init__(self, status: Status | None = None) -> None:
+        self.status = status
+
+    def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
+        me = threads.local.token
+        if me.pid != record.pid:
+            reported = bool(slow_path(obj, record, operation, FORKED))  # "process"
+        else:
+            reported = check_transaction(obj, record, operation, me)
+        return me, operation, reported and _hush(me)
+
+    def exit(self, obj: object, record: OwnerRecord, state: Any) -> None:
+        me, operation, hushed = state
+        if hushed:
+            me.quiet -= 1
+        if record.policy is None or me.pid != record.pid:
+            return
+        if not is_open(self.status, obj, operation):
+            record.busy = None
+        elif record.busy is None and operation not in ENDS_TRANSACTION:
+            record.busy = me  # e.g. tpc_begin; a transaction open after commit is not ours
+
+
+class StatementPolicy(Policy):
+    """Statements on cursors of threadsafety >= 2 drivers (the hot path: kept flat).
+
+    The cursor itself is exclusive (its own record, whose policy is
+    EXCLUSIVE_POLICY); its connection is checked as by TransactionPolicy.
+    """
+
+    name = "statement"
+
+    def __init__(self, status: Status | None, connection_of: ConnectionOf,
+                 autocommit: Callable[[Any], Any]) -> None:
+        self.status = status
+        self.connection_of = connection_of
+        self.autocommit = autocommit
+
+    def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
+        me = threads.local.token
+        holder = record.busy
+        entered = holder is None
+        reported = False
+        if entered:
+            record.busy = me
+        elif holder is not me:
+            reported = bool(slow_path(obj, record, operation, holder))
+        try:
+            conn = self.connection_of(obj)
+            conn_record = getattr(conn, "_sanitizer_record", UNTRACKED)
+            held = conn_record.busy
+            if held is None:
+                # Outside autocommit every statement runs in a transaction: claim it
+                # now, so that a commit racing with this first statement is seen.
+                if conn_record.policy is not None and not self.autocommit(conn):
+                    conn_record.busy = me
+            elif held is not me:
+                reported = check_transaction(obj, conn_record, operation, me) or reported
+        except BaseException:  # action=raise: the guard's finally will not run
+            if entered:
+                record.busy = None
+            raise
+        return entered, me, conn, conn_record, operation, reported and _hush(me)
+
+    def exit(self, obj: object, record: OwnerRecord, state: Any) -> None:
+        entered, me, conn, conn_record, operation, hushed = state
+        if entered:
+            record.busy = None
+        if hushed:
+            me.quiet -= 1
+        if conn_record.policy is None or me.pid != conn_record.pid:
+            return
+        status = self.status
+        if status is None:
+            opened = is_open(None, conn, operation)
+        else:
+            try:
+                opened = status(conn) in PG_OPEN
+            except Exception:
+                opened = False
+        if not opened:
+            conn_record.busy = None
+        elif conn_record.busy is None:
+            conn_record.busy = me  # this thread's statement opened it
+
+
+# For track=module:factory@transaction: transactions inferred from PEP 249 semantics.
+TRANSACTION_POLICY = register(TransactionPolicy())
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def _resource(driver: str, host: Any, port: Any, database: Any) -> dict[str, Any]:
+    """What the connection is to; never credentials."""
+    if isinstance(database, bytes):
+        database = database.decode("utf-8", "replace")
+    return {"driver": driver, "host": host, "port": port, "database": database}
+
+
+def _connection_record(conn: object, policy: Policy) -> OwnerRecord:
+    if _context is None:  # made after the plugin was unloaded
+        return UNTRACKED
+    return _context.new_record(conn, policy)
+
+
+def _cursor_record(cursor: object, connection: Any) -> OwnerRecord:
+    """A cursor of a threadsafety >= 2 connection: its own exclusive record."""
+    parent = getattr(connection, "_sanitizer_record", UNTRACKED)
+    if parent.policy is None or _context is None:
+        return UNTRACKED
+    # Cursors are made per query: capturing a stack for each would make
+    # conn.cursor() cost ~15 us, so a cursor reports its connection's creation site.
+    return ownership.new_record(EXCLUSIVE_POLICY, cursor, resource=parent.resource,
+                                creation_stack=parent.creation_stack)
+
+
+def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> None:
+    if record.policy is None:
+        return
+    try:
+        record.resource = make()
+    except Exception as exc:
+        if _context is not None:
+            _context.internal_error(exc, "reading the connection's host/port/database")
+
+
+# -- psycopg2 ---------------------------------------------------------------------------
+
+PSYCOPG2_TRANSACTION_METHODS: dict[str, str | None] = {
+    "commit": "", "rollback": "", "close": "", "reset": "",
+    "__exit__": "exc_type, exc_value, traceback, /",
+    "tpc_begin": None, "tpc_prepare": "", "tpc_commit": None, "tpc_rollback": None,
+}
+# Only fork detection. Not guarded: cancel() (meant for other threads), fileno(), poll().
+PSYCOPG2_OTHER_METHODS: dict[str, str | None] = {
+    "cursor": None, "__enter__": "", "set_session": None, "set_isolation_level": None,
+    "set_client_encoding": None, "lobject": None, "get_parameter_status": None,
+    "get_backend_pid": "", "get_dsn_parameters": "", "xid": None, "tpc_recover": "",
+}
+PSYCOPG2_STATEMENTS: dict[str, str | None] = {
+    "execute": "query, vars=None", "executemany": "query, vars_list", "callproc": None,
+    "copy_from": None, "copy_to": None, "copy_expert": None,
+}
+PSYCOPG2_CURSOR_METHODS: dict[str, str | None] = {
+    "fetchone": "", "fetchmany": None, "fetchall": "", "scroll": None, "close": "",
+    "nextset": "", "__enter__": "", "__exit__": "exc_type, exc_value, traceback, /",
+    "__iter__": "", "__next__": "",
+}
+
+
+@functools.cache
+def _psycopg2_cursor_class(psycopg2: ModuleType, base: type) -> type:
+    policy = _psycopg2_policies(psycopg2)[1]
+    base_init = base.__init__  # type: ignore[misc]
+
+    def __init__(self: Any, connection: Any, /, *args: Any, **kwargs: Any) -> None:
+        self._sanitizer_record = _cursor_record(self, connection)
+        base_init(self, connection, *args, **kwargs)
+
+    extra = {"__init__": __init__, **guards(base, policy, PSYCOPG2_STATEMENTS)}
+    return tracked_subclass(base, EXCLUSIVE_POLICY, tuple(PSYCOPG2_CURSOR_METHODS.items()),
+                            tuple(extra.items()))
+
+
+@functools.cache
+def _psycopg2_policies(psycopg2: ModuleType) -> tuple[TransactionPolicy, StatementPolicy]:
+    # The unguarded C method (and C attrgetters): no Python frame on the hot path.
+    status = psycopg2.extensions.connection.get_transaction_status
+    return TransactionPolicy(status), StatementPolicy(
+        status, operator.attrgetter("connection"), operator.attrgetter("autocommit"))
+
+
+@functools.cache
+def _psycopg2_hook(psycopg2: ModuleType) -> type:
+    """Sits just above the C connection in the MRO: every cursor() ends here, with a factory."""
+    stock = psycopg2.extensions.connection
+    stock_cursor_type = psycopg2.extensions.cursor
+    stock_cursor = stock.cursor
+
+    def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # C signature: cursor(name=None, cursor_factory=None, withhold=False, scrollable=None)
+        positional = len(args) > 1
+        factory = args[1] if positional else kwargs.get("cursor_factory")
+        factory = factory or self.cursor_factory or stock_cursor_type
+        if (isinstance(factory, type) and issubclass(factory, stock_cursor_type)
+                and getattr(factory, "__sanitizer_policy__", None) is None):
+            factory = _psycopg2_cursor_class(psycopg2, factory)
+        if positional:
+            args = (args[0], factory, *args[2:])
+        else:
+            kwargs["cursor_factory"] = factory
+        return stock_cursor(self, *args, **kwargs)
+
+    return type("connection", (stock,), {
+        "__slots__": (), "cursor": cursor, "__module__": stock.__module__,
+        "__qualname__": stock.__qualname__, "__sanitizer_public_type__": stock,
+    })
+
+
+@functools.cache
+def _psycopg2_connection_class(psycopg2: ModuleType, base: type) -> type:
+    transaction, _statement = _psycopg2_policies(psycopg2)
+    hook = _psycopg2_hook(psycopg2)
+    # A factory that overrides cursor() (psycopg2.extras.DictConnection ...) calls
+    # super().cursor(): putting the hook between it and the C type catches that too.
+    hooked = hook if base is psycopg2.extensions.connection else type(
+        base.__name__, (base, hook), {"__slots__": (), "__module__": base.__module__,
+                                      "__qualname__": base.__qualname__,
+                                      "__sanitizer_public_type__": base})
+    base_init = base.__init__  # type: ignore[misc]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        record = self._sanitizer_record = _connection_record(self, transaction)
+        base_init(self, *args, **kwargs)
+        _fill_resource(record, lambda: _resource(
+            "psycopg2", self.info.host, self.info.port, self.info.dbname))
+
+    extra = {"__init__": __init__, **guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
+    return tracked_subclass(hooked, PROCESS_POLICY, tuple(PSYCOPG2_OTHER_METHODS.items()),
+                            tuple(extra.items()))
+
+
+def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
+    stock = psycopg2.extensions.connection
+
+    def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Any:
+        # psycopg2.connect(dsn=None, connection_factory=None, cursor_factory=None, **kwargs)
+        try:
+            positional = len(args) > 1
+            factory = (args[1] if positional else kwargs.get("connection_factory")) or stock
+            if (isinstance(factory, type) and issubclass(factory, stock)
+                    and getattr(factory, "__sanitizer_policy__", None) is None):
+                tracked = _psycopg2_connection_class(psycopg2, factory)
+                if positional:
+                    args = (args[0], tracked, *args[2:])
+                else:
+                    kwargs = {**kwargs, "connection_factory": tracked}
+        except Exception as exc:
+            context.internal_error(exc, "psycopg2.connect")
+        return wrapped(*args, **kwargs)
+
+    context.wrap(psycopg2, "connect", connect)
+
+
+# -- psycopg 3 --------------------------------------------------------------------------
+
+PSYCOPG_TRANSACTION_METHODS: dict[str, str | None] = {
+    "commit": "", "rollback": "", "close": "", "transaction": None,
+    "__exit__": "exc_type, exc_val, exc_tb",
+    "tpc_begin": None, "tpc_prepare": "", "tpc_commit": None, "tpc_rollback": None,
+}
+# Only fork detection. Not guarded: cancel() and cancel_safe() (meant for other threads).
+PSYCOPG_OTHER_METHODS: dict[str, str | None] = {
+    "cursor": None, "execute": None, "pipeline": "", "__enter__": "", "notifies": None,
+    "set_autocommit": "value", "set_isolation_level": "value", "set_read_only": "value",
+    "set_deferrable": "value", "tpc_recover": "", "xid": None,
+}
+PSYCOPG_STATEMENTS: dict[str, str | None] = {
+    "execute": None, "executemany": None, "copy": None,  # ServerCursor's differ from Cursor's
+}
+PSYCOPG_CURSOR_METHODS: dict[str, str | None] = {
+    "fetchone": "", "fetchmany": None, "fetchall": "", "scroll": None, "close": "",
+    "nextset": "", "results": "", "stream": None, "__enter__": "",
+    "__exit__": "exc_type, exc_val, exc_tb", "__iter__": "",
+}
+
+
+_psycopg_status = operator.attrgetter("pgconn.transaction_status")
+_PSYCOPG_TRANSACTION = TransactionPolicy(_psycopg_status)
+_PSYCOPG_STATEMENT = StatementPolicy(_psycopg_status, operator.attrgetter("_conn"),
+                                     operator.attrgetter("_autocommit"))
+
+
+@functools.cache
+def _psycopg_cursor_class(base: Any) -> type:
+    base_init = base.__init__
+
+    def __init__(self: Any, connection: Any, *args: Any, **kwargs: Any) -> None:
+        self._sanitizer_record = _cursor_record(self, connection)
+        base_init(self, connection, *args, **kwargs)
+
+    extra = {"__init__": __init__, **guards(base, _PSYCOPG_STATEMENT, PSYCOPG_STATEMENTS)}
+    return tracked_subclass(base, EXCLUSIVE_POLICY, tuple(PSYCOPG_CURSOR_METHODS.items()),
+                            tuple(extra.items()))
+
+
+def _tracked_factory(name: str, cursor_base: type) -> property:
+    """``cursor_factory`` that hands out tracked subclasses of whatever class is set."""
+
+    def get(self: Any) -> Any:
+        factory = self.__dict__.get(name)
+        if (isinstance(factory, type) and issubclass(factory, cursor_base)
+                and getattr(factory, "__sanitizer_policy__", None) is None):
+            return _psycopg_cursor_class(cast(Any, factory))
+        return factory
+
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__[name] = getattr(value, "__sanitizer_public_type__", value)
+
+    return property(get, set_)
+
+
+@functools.cache
+def _psycopg_connection_class(psycopg: ModuleType, base: type) -> type:
+    base_init = base.__init__  # type: ignore[misc]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        record = self._sanitizer_record = _connection_record(self, _PSYCOPG_TRANSACTION)
+        base_init(self, *args, **kwargs)
+        _fill_resource(record, lambda: _resource(
+            "psycopg", self.info.host, self.info.port, self.info.dbname))
+
+    extra: dict[str, Any] = {
+        "__init__": __init__,
+        "cursor_factory": _tracked_factory("cursor_factory", psycopg.Cursor),
+        "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.Cursor),
+        **guards(base, _PSYCOPG_TRANSACTION, PSYCOPG_TRANSACTION_METHODS),
+    }
+    return tracked_subclass(base, PROCESS_POLICY, tuple(PSYCOPG_OTHER_METHODS.items()),
+                            tuple(extra.items()))
+
+
+def install_psycopg(psycopg: ModuleType, context: Context) -> None:
+    stock = psycopg.Connection
+
+    def connect(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Any:
+        # Connection.connect is a classmethod: make the instance from a tracked subclass.
+        cls = instance if isinstance(instance, type) else stock
+        if issubclass(cls, stock) and getattr(cls, "__sanitizer_policy__", None) is None:
+            try:
+                tracked: Any = _psycopg_connection_class(psycopg, cls)
+            except Exception as exc:
+                context.internal_error(exc, "psycopg.Connection.connect")
+            else:
+                return tracked.connect(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    context.wrap(stock, "connect", connect)
+    if getattr(psycopg, "connect", None) is not None:
+        context.wrap(psycopg, "connect", connect)
+
+
+# -- PyMySQL and mysqlclient: Python classes, patched in place ---------------------------
+
+
+def _patch_in_place(context: Context, cls: type, methods: Methods,
+                    init: Callable[[Callable[..., None]], Callable[..., None]] | None = None,
+                    *, own_only: bool = True) -> None:
+    """Guard ``cls``'s methods (those it defines itself, if ``own_only``) with EXCLUSIVE."""
+    if own_only:
+        methods = {name: p for name, p in methods.items() if name in vars(cls)}
+    for name, guard in guards(cls, EXCLUSIVE_POLICY, methods).items():
+        context.replace(cls, name, guard)
+    if init is not None:
+        context.replace(cls, "_sanitizer_record", UNTRACKED)
+        original = cls.__init__  # type: ignore[misc]
+        context.replace(cls, "__init__", functools.wraps(original)(init(original)))
+
+
+def _share_connection_record(original: Callable[..., None]) -> Callable[..., None]:
+    """Cursor __init__ of a threadsafety < 2 driver: the cursor shares its connection's record."""
+
+    def __init__(self: Any, connection: Any, *args: Any, **kwargs: Any) -> None:
+        record = getattr(connection, "_sanitizer_record", UNTRACKED)
+        if record.policy is not None and "_sanitizer_record" not in self.__dict__:
+            self.__dict__["_sanitizer_record"] = record
+        original(self, connection, *args, **kwargs)
+    return __init__
+
+
+def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], dict[str, Any]]
+                     ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def make(original: Callable[..., None]) -> Callable[..., None]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            if "_sanitizer_record" in self.__dict__:  # a subclass's __init__ ran ours already
+                original(self, *args, **kwargs)
+                return
+            # Set before the driver connects: __init__ calls guarded methods itself.
+            record = _connection_record(self, EXCLUSIVE_POLICY)
+            if record.policy is not None:
+                self.__dict__["_sanitizer_record"] = record
+            original(self, *args, **kwargs)
+            _fill_resource(record, lambda: resource(self, args, kwargs))
+        return __init__
+    return make
+
+
+PYMYSQL_CONNECTION_METHODS: dict[str, str | None] = {
+    "close": "", "commit": "", "rollback": "", "begin": "", "query": None,
+    "next_result": None, "ping": None, "select_db": "db", "set_charset": "charset",
+    "set_character_set": None, "show_warnings": "", "autocommit": "value", "kill": "thread_id",
+    "affected_rows": "", "insert_id": "", "__enter__": "", "__exit__": "*exc_info",
+}
+PYMYSQL_CURSOR_METHODS: dict[str, str | None] = {
+    "execute": "query, args=None", "executemany": "query, args", "callproc": None,
+    "fetchone": "", "fetchmany": "size=None", "fetchall": "", "fetchall_unbuffered": "",
+    "read_next": "", "scroll": None, "close": "", "nextset": "", "__enter__": "",
+    "__exit__": "*exc_info", "__iter__": "", "__next__": "",
+}
+
+
+def install_pymysql(pymysql: ModuleType, context: Context) -> None:
+    connections, cursors = pymysql.connections, pymysql.cursors
+
+    def resource(conn: Any, _args: tuple[Any, ...], _kwargs: dict[str, Any]) -> dict[str, Any]:
+        return _resource("pymysql", conn.host, conn.port, conn.db)
+
+    _patch_in_place(context, connections.Connection, PYMYSQL_CONNECTION_METHODS,
+                    _connection_init(resource))
+    _patch_in_place(context, cursors.Cursor, PYMYSQL_CURSOR_METHODS, _share_connection_record)
+    _patch_in_place(context, cursors.SSCursor, PYMYSQL_CURSOR_METHODS)
+
+
+MYSQLDB_CONNECTION_METHODS: dict[str, str | None] = {
+    "close": "", "commit": "", "rollback": "", "begin": "", "query": "query",
+    "next_result": "", "store_result": "", "use_result": "", "ping": None,
+    "select_db": None, "set_character_set": None, "set_sql_mode": "sql_mode",
+    "set_server_option": None, "show_warnings": "", "autocommit": "on", "kill": None,
+    "affected_rows": "", "insert_id": "", "change_user": None, "shutdown": None,
+    "__enter__": "", "__exit__": "exc_type, exc_value, traceback",
+}
+MYSQLDB_CURSOR_METHODS: dict[str, str | None] = {
+    "execute": "query, args=None", "executemany": "query, args", "callproc": None,
+    "fetchone": "", "fetchmany": "size=None", "fetchall": "", "scroll": None, "close": "",
+    "nextset": "", "__enter__": "", "__exit__": "*exc_info", "__iter__": "", "__next__": "",
+}
+
+
+def install_mysqldb(connections: ModuleType, context: Context) -> None:
+    """Hooked on MySQLdb.connections (MySQLdb.connect builds that module's Connection)."""
+
+    def resource(_conn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        # _mysql.connect(host, user, passwd, db, port, ...): never look at the password.
+        def arg(index: int, *names: str) -> Any:
+            for name in names:
+                if name in kwargs:
+                    return kwargs[name]
+            return args[index] if len(args) > index else None
+        return _resource("MySQLdb", arg(0, "host"), arg(4, "port"), arg(3, "database", "db"))
+
+    # The C base defines most methods: guard them all on the Python class.
+    _patch_in_place(context, connections.Connection, MYSQLDB_CONNECTION_METHODS,
+                    _connection_init(resource), own_only=False)
+    cursors = connections.cursors
+    _patch_in_place(context, cursors.BaseCursor, MYSQLDB_CURSOR_METHODS,
+                    _share_connection_record)
+    _patch_in_place(context, cursors.CursorStoreResultMixIn, MYSQLDB_CURSOR_METHODS)
+    _patch_in_place(context, cursors.CursorUseResultMixIn, MYSQLDB_CURSOR_METHODS)
+
+
+# -- any other driver, by name: proxies --------------------------------------------------
+
+GENERIC_TRANSACTION_METHODS = ("commit", "rollback", "close", "__exit__")
+GENERIC_OTHER_METHODS = ("tpc_begin", "tpc_prepare", "tpc_commit", "tpc_rollback", "tpc_recover")
+GENERIC_STATEMENTS = ("execute", "executemany", "callproc")
+GENERIC_CURSOR_METHODS = ("fetchone", "fetchmany", "fetchall", "nextset", "scroll", "close",
+                          "setinputsizes", "setoutputsize", "__next__", "__exit__")
+
+
+def _self_or(proxy: Any, result: Any) -> Any:
+    """Keep ``with conn as c`` and ``iter(cursor)`` on the proxy when the driver returns self."""
+    return proxy if result is proxy.__wrapped__ else result
+
+
+def _proxy_methods(target: type, policy: Policy, names: tuple[str, ...],
+                   returns_self: tuple[str, ...] = ()) -> dict[str, Any]:
+    namespace: dict[str, Any] = {}
+    for name in names:
+        if not hasattr(target, name):
+            continue
+        call = f"self.__wrapped__.{name}(*args, **kwargs)"
+        if name in returns_self:
+            call = f"_self_or(self, {call})"
+        namespace[name] = compile_guard(policy, call, name, "*args, **kwargs", name,
+                                        {"_self_or": _self_or})
+    return namespace
+
+
+# Cursors of generic drivers at threadsafety >= 2 know their connection proxy.
+_GENERIC_STATEMENT = StatementPolicy(None, operator.attrgetter("_sanitizer_connection"),
+                                     lambda conn: getattr(conn, "autocommit", False) is True)
+
+
+class GenericCursorProxy(TrackedProxy):
+    """A cursor of a driver named in ``dbapi.drivers``."""
+
+    __slots__ = ("_sanitizer_connection",)
+
+
+class GenericConnectionProxy(TrackedProxy):
+    """A connection of a driver named in ``dbapi.drivers``."""
+
+    __slots__ = ()
+
+
+@functools.cache
+def _generic_cursor_class(target: Any, shared: bool) -> type:
+    statement = EXCLUSIVE_POLICY if shared else _GENERIC_STATEMENT
+    namespace = {
+        "__slots__": (), "__sanitizer_public_type__": target,
+        **_proxy_methods(target, EXCLUSIVE_POLICY, GENERIC_CURSOR_METHODS),
+        **_proxy_methods(target, EXCLUSIVE_POLICY, ("__enter__", "__iter__"),
+                         returns_self=("__enter__", "__iter__")),
+        **_proxy_methods(target, statement, GENERIC_STATEMENTS),
+    }
+    return type(f"Tracked{target.__name__}Proxy", (GenericCursorProxy,), namespace)
+
+
+@functools.cache
+def _generic_connection_class(target: Any, shared: bool) -> type:
+    transaction = EXCLUSIVE_POLICY if shared else TRANSACTION_POLICY
+    other = EXCLUSIVE_POLICY if shared else PROCESS_POLICY
+
+    def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raw = self.__wrapped__.cursor(*args, **kwargs)
+        record = self._sanitizer_record
+        if not shared:  # threadsafety >= 2: each cursor is its own exclusive object
+            record = _cursor_record(raw, self)
+        if record.policy is None:
+            return raw
+        proxy = _generic_cursor_class(cast(Any, type(raw)), shared)(raw)
+        proxy._sanitizer_record = record
+        proxy._sanitizer_connection = self
+        return proxy
+
+    namespace = {
+        "__slots__": (), "__sanitizer_public_type__": target,
+        # Making a cursor is no use of the connection; at level >= 2 forks are still caught.
+        "cursor": cursor if shared else PROCESS_POLICY.guard(cursor, "cursor", name="cursor"),
+        **_proxy_methods(target, transaction, GENERIC_TRANSACTION_METHODS),
+        **_proxy_methods(target, other, GENERIC_OTHER_METHODS),
+        **_proxy_methods(target, other, ("__enter__",), returns_self=("__enter__",)),
+    }
+    return type(f"Tracked{target.__name__}Proxy", (GenericConnectionProxy,), namespace)
+
+
+def _generic_installer(module_name: str) -> Callable[[ModuleType, Context], None]:
+    def install(module: ModuleType, context: Context) -> None:
+        level = getattr(module, "threadsafety", 1)
+        shared = not isinstance(level, int) or level < 2
+        policy = EXCLUSIVE_POLICY if shared else TRANSACTION_POLICY
+        stacks.add_library(module_name)
+
+        def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+            conn = wrapped(*args, **kwargs)
+            if isinstance(conn, TrackedProxy):
+                return conn
+            try:
+                record = context.new_record(conn, policy,
+                                            resource=_generic_resource(module_name, wrapped,
+                                                                       args, kwargs))
+                proxy = _generic_connection_class(cast(Any, type(conn)), shared)(conn)
+                proxy._sanitizer_record = record
+            except Exception as exc:
+                context.internal_error(exc, f"{module_name}.connect")
+                return conn
+            return proxy
+
+        context.wrap(module, "connect", connect)
+    return install
+
+
+def _generic_resource(driver: str, connect: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """host/port/database from connect()'s arguments, its defaults included; no password."""
+    values = dict(kwargs)
+    try:
+        bound = inspect.signature(connect).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+    except (TypeError, ValueError):  # no signature (C function) or unusual arguments
+        pass
+    database = next((values[k] for k in ("database", "dbname", "db") if values.get(k)), None)
+    return _resource(driver, values.get("host"),
+                     values.get("port"), database)
+
+
+_DRIVER_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*$")
+BUILTIN_DRIVERS: Mapping[str, Callable[[ModuleType, Context], None]] = {
+    "psycopg2": install_psycopg2,
+    "psycopg": install_psycopg,
+    "pymysql": install_pymysql,
+    "MySQLdb.connections": install_mysqldb,
+}
+
+
+def setup(context: Context) -> None:
+    """Remember the context; hook the drivers named in ``dbapi.drivers``."""
+    global _context
+    _context = context
+    names = context.options.get("drivers", "")
+    for name in (n.strip() for n in names.split("+")):
+        if not name:
+            continue
+        if not _DRIVER_NAME.match(name):
+            raise ConfigError(f"dbapi.drivers: bad module name {name!r}; expected module "
+                              "names joined by '+'", key="dbapi.drivers", value=names)
+        if name in BUILTIN_DRIVERS or name in ("MySQLdb", "sqlite3"):
+            continue  # built in here, or by the sqlite3 plugin
+        context.when_imported(name, _generic_installer(name))
+
+
+plugin = Plugin(
+    name="dbapi",
+    hooks=BUILTIN_DRIVERS,
+    libraries=("psycopg2", "psycopg", "pymysql", "MySQLdb"),
+    options={"drivers": "more DB-API 2.0 driver modules to track, joined by '+' "
+                        "(e.g. dbapi.drivers=pg8000+mydriver); their connect() is wrapped"},
+    setup=setup,
+)
