@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "sanitizer.plugins"
 BUILTIN = {
     "sqlite3": "sanitizer.plugins.sqlite3",
     "dbapi": "sanitizer.plugins.dbapi",
+    "django": "sanitizer.plugins.django",
     "sqlalchemy": "sanitizer.plugins.sqlalchemy",
 }
 

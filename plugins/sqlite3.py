@@ -65,7 +65,12 @@ CURSOR_RECORD = "self.connection._sanitizer_record"
 @functools.cache
 def cursor_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     """Tracked subclass of a cursor factory; instances share their connection's record."""
-    return tracked_subclass(base, policy, tuple(CURSOR_METHODS.items()), record=CURSOR_RECORD)
+    # A factory's own overrides keep their defaults: Django's execute(query, params=None)
+    # treats None and () differently ("SELECT '%s'" would otherwise become "SELECT '?'").
+    stock = sqlite3.Cursor
+    methods = tuple((name, params if getattr(base, name, None) is getattr(stock, name, None)
+                     else None) for name, params in CURSOR_METHODS.items())
+    return tracked_subclass(base, policy, methods, record=CURSOR_RECORD)
 
 
 @functools.cache

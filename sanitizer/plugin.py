@@ -82,7 +82,7 @@ class Context:
                                     resource=resource, stack_depth=self.stack_depth)
 
     def when_imported(self, module_name: str, installer: Installer) -> None:
-        """Also run ``installer(module, self)`` when that module is imported (forgotten by disable)."""
+        """Also run ``installer(module, self)`` when that module is imported (until disable)."""
         sanitizer = self._sanitizer
         sanitizer._on_import(module_name,
                              sanitizer._guarded_installer(self.plugin, installer, self))

@@ -87,9 +87,14 @@ class Policy:
     template: ClassVar[str] = ENTER_EXIT
 
     def violated(
-        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
     ) -> str | None:
-        """Name of the policy this use breaks, or None if it is allowed (cold path)."""
+        """Name of the policy this use breaks, or None if it is allowed (cold path).
+
+        ``obj`` is the object touched (the record may be its parent's) and
+        ``operation`` the method or attribute.
+        """
         if holder is FORKED or record.pid != token.pid:
             return "process"
         return None
@@ -148,7 +153,8 @@ class Strict(Policy):
     template = STRICT
 
     def violated(
-        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
     ) -> str | None:
         if record.pid != token.pid:
             return "process"
@@ -164,7 +170,8 @@ class Exclusive(Policy):
     template = EXCLUSIVE
 
     def violated(
-        self, record: OwnerRecord, token: threads.ThreadToken, holder: object
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
     ) -> str | None:
         if holder is FORKED or record.pid != token.pid:
             return "process"
@@ -220,7 +227,7 @@ def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object) 
         return False
     if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
         token = threads.local.token = threads.ThreadToken()
-    violated = policy.violated(record, token, holder)
+    violated = policy.violated(record, token, holder, obj, operation)
     if violated is None:
         return False
     from sanitizer import control  # cold path; control imports this module
