@@ -244,6 +244,19 @@ def _json_default(value: object) -> str:
     return repr(value)
 
 
+def processors(fmt: str) -> list[Callable[..., Any]]:
+    """The pipeline, top to bottom: level, timestamp, then one renderer."""
+    renderer: Callable[..., Any] = (
+        render_console if fmt == "console"
+        else structlog.processors.JSONRenderer(default=_json_default)
+    )
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        renderer,
+    ]
+
+
 def build_logger(options: Options) -> Any:
     """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
     if options.log_file:
@@ -251,17 +264,9 @@ def build_logger(options: Options) -> Any:
     else:
         fd = os.dup(2)  # stderr, even if the program later rebinds sys.stderr
     fmt = options.format or ("console" if not options.log_file and os.isatty(fd) else "json")
-    renderer: Callable[..., Any] = (
-        render_console if fmt == "console"
-        else structlog.processors.JSONRenderer(default=_json_default)
-    )
     return structlog.wrap_logger(
         LineWriter(fd),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-            renderer,
-        ],
+        processors=processors(fmt),
         wrapper_class=structlog.BoundLogger,
         context_class=dict,
         cache_logger_on_first_use=False,

@@ -1,0 +1,62 @@
+"""The report pipeline: structlog processors, renderers, and what the app's logging sees."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import LogCapture, capture_logs
+from support import in_thread
+
+import sanitizer
+from sanitizer import report
+
+
+def violation_event() -> dict[str, Any]:
+    """A real violation's event dict, made by a real cross-thread call."""
+    sanitizer.enable(log_file="/dev/null")
+    try:
+        holder: dict[str, sqlite3.Connection] = {}
+        in_thread(lambda: holder.setdefault("c", sqlite3.connect(":memory:")), name="maker")
+        with pytest.raises(sqlite3.ProgrammingError):
+            holder["c"].execute("select 1")
+        [violation] = sanitizer.violations()
+        return {"event": report.EVENT, **violation.event()}
+    finally:
+        sanitizer.disable()
+
+
+def test_pipeline_adds_level_and_timestamp_before_rendering() -> None:
+    capture = LogCapture()
+    chain = [*report.processors("json")[:-1], capture]  # our processors, a capturing sink
+    logger = structlog.wrap_logger(None, processors=chain, wrapper_class=structlog.BoundLogger)
+    logger.warning(report.EVENT, **{k: v for k, v in violation_event().items() if k != "event"})
+    [entry] = capture.entries
+    assert entry["event"] == "thread_affinity_violation"
+    assert entry["level"] == "warning" and entry["timestamp"].endswith("Z")
+    assert entry["policy"] == "strict" and entry["owner_thread"]["name"] == "maker"
+
+
+def test_json_renderer_writes_one_line() -> None:
+    line = report.processors("json")[-1](None, "warning", violation_event())
+    assert "\n" not in line
+    assert json.loads(line)["operation"] == "execute"
+
+
+def test_console_renderer_names_both_sides() -> None:
+    text = report.render_console(None, "warning", violation_event())
+    assert text.splitlines()[1].startswith("WARNING: thread-affinity violation (strict)")
+    assert "'maker'" in text and "'MainThread'" in text and "SUMMARY:" in text
+
+
+def test_the_applications_logging_is_untouched(caplog: pytest.LogCaptureFixture) -> None:
+    """Our events never reach structlog's global configuration or the logging module."""
+    config = structlog.get_config()
+    with capture_logs() as app_events, caplog.at_level(logging.DEBUG):
+        violation_event()
+    assert app_events == [] and caplog.records == []
+    assert structlog.get_config() == config
