@@ -42,7 +42,7 @@ SESSION_METHODS: dict[str, str | None] = {
     "get": None, "get_one": None, "query": None,
     "add": None, "add_all": None, "delete": None, "delete_all": None,
     "merge": None, "merge_all": None, "refresh": None,
-    "expire": None, "expire_all": None, "expunge": None, "expunge_all": None,
+    "expire": None, "expire_all": "", "expunge": None, "expunge_all": "",
     "flush": "objects=None", "commit": "", "rollback": "", "prepare": "", "close": "", "reset": "",
     "invalidate": "", "begin": None, "begin_nested": "", "connection": None,
     "bulk_save_objects": None, "bulk_insert_mappings": None, "bulk_update_mappings": None,

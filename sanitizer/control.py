@@ -267,10 +267,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
-    hidden = {"self", "record", "me", "holder", "func", "policy", "state"}
     for f in stacks.frames_of(frame.f_back):
         if f.f_code.co_filename == stacks.GUARD_FILENAME:
-            return [(k, v) for k, v in f.f_locals.items() if k not in hidden]
+            return [(k, v) for k, v in f.f_locals.items()
+                    if k != "self" and not k.startswith(policies.RESERVED_PREFIX)]
     return []
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from sanitizer.ownership import UNTRACKED
 from sanitizer.policies import RECORD, Policy
 
-# Method name -> parameter list of its guard ("" for none, None for *args, **kwargs).
+# Method name -> parameter list of its guard ("" for none; None: the method's own
+# if it is a Python function, else *args, **kwargs).
 Methods = Mapping[str, "str | None"]
 
 # Dunders that are uses of the object; the rest (__repr__, __del__, __init__ ...) are not.
@@ -44,9 +45,7 @@ def guards(
         original = getattr(base, name, None)
         if original is None:
             continue
-        namespace[name] = policy.guard(
-            original, name, params if params is not None else "*args, **kwargs", name=name,
-            record=record)
+        namespace[name] = policy.guard(original, name, params, name=name, record=record)
     return namespace
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from types import FunctionType
@@ -22,61 +23,62 @@ from sanitizer.ownership import FORKED, OwnerRecord, record_of
 
 # Guard bodies. ``{record}`` reads the owner record (usually the object's own
 # slot; a derived object may read its parent's), ``{call}`` calls through to the
-# real method and ``{operation}`` names it in reports. Names: local, slow, policy.
+# real method and ``{operation}`` names it in reports. The guard's own names all
+# start with ``_g_`` so that they never shadow a parameter of the method.
 #
 # One misuse, one report: a call that was reported runs on "quietly" (the
 # ``{reported}`` block), so the layers beneath it (Django's wrapper over
 # sqlite3, a Session over its DB-API connection) do not report it again.
 REPORTED = """\
-me.quiet += 1
+_g_me.quiet += 1
 try:
     return {call}
 finally:
-    me.quiet -= 1
+    _g_me.quiet -= 1
 """
 
 STRICT = """\
-record = {record}
-me = local.token
-if me is not record.owner and slow(self, record, {operation!r}, None):
+_g_record = {record}
+_g_me = _g_local.token
+if _g_me is not _g_record.owner and _g_slow(self, _g_record, {operation!r}, None):
     {reported}
 return {call}
 """
 
 EXCLUSIVE = """\
-record = {record}
-me = local.token
-holder = record.busy
-if holder is None:
-    record.busy = me
+_g_record = {record}
+_g_me = _g_local.token
+_g_holder = _g_record.busy
+if _g_holder is None:
+    _g_record.busy = _g_me
     try:
         return {call}
     finally:
-        record.busy = None
-if holder is not me and slow(self, record, {operation!r}, holder):
+        _g_record.busy = None
+if _g_holder is not _g_me and _g_slow(self, _g_record, {operation!r}, _g_holder):
     {reported}
 return {call}
 """
 
 PROCESS = """\
-record = {record}
-if record.busy is not None and slow(self, record, {operation!r}, record.busy):
-    me = local.token
+_g_record = {record}
+if _g_record.busy is not None and _g_slow(self, _g_record, {operation!r}, _g_record.busy):
+    _g_me = _g_local.token
     {reported}
 return {call}
 """
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
-record = {record}
-state = policy.enter(self, record, {operation!r})
+_g_record = {record}
+_g_state = _g_policy.enter(self, _g_record, {operation!r})
 try:
     return {call}
 finally:
-    policy.exit(self, record, state)
+    _g_policy.exit(self, _g_record, _g_state)
 """
 
-
+RESERVED_PREFIX = "_g_"
 RECORD = "self._sanitizer_record"
 
 
@@ -110,16 +112,25 @@ class Policy:
         self,
         func: Callable[..., Any],
         operation: str,
-        params: str = "*args, **kwargs",
+        params: str | None = None,
         *,
         name: str | None = None,
         defaults: dict[str, Any] | None = None,
         record: str = RECORD,
     ) -> FunctionType:
-        """A function ``(self, <params>)``: check this policy, then call ``func(self, ...)``."""
-        call = f"func(self, {call_arguments(params)})"
-        return compile_guard(self, call, operation, params, name or operation,
-                             {"func": func, **(defaults or {})}, wrapped=func, record=record)
+        """A function ``(self, <params>)``: check this policy, then call ``func(self, ...)``.
+
+        Without ``params``, a Python function's own parameter list is copied
+        (code that inspects it sees no difference, and calls stay positional);
+        anything else gets ``*args, **kwargs``.
+        """
+        namespace = {"_g_func": func, **(defaults or {})}
+        if params is None:
+            params, own_defaults = parameters_of(func) or ("*args, **kwargs", {})
+            namespace.update(own_defaults)
+        call = f"_g_func(self, {call_arguments(params)})"
+        return compile_guard(self, call, operation, params, name or operation, namespace,
+                             wrapped=func, record=record)
 
     def guard_expression(
         self,
@@ -139,8 +150,8 @@ class Policy:
     @functools.cache  # noqa: B019 - policies are few and live for the process
     def call_guard(self, operation: str) -> FunctionType:
         """A guard ``(obj, func, *args, **kwargs)`` for checking one-off calls."""
-        return compile_guard(self, "func(*args, **kwargs)", operation,
-                             "func, /, *args, **kwargs", operation, {})
+        return compile_guard(self, "_g_func(*args, **kwargs)", operation,
+                             "_g_func, /, *args, **kwargs", operation, {})
 
     def __repr__(self) -> str:
         return f"<policy {self.name}>"
@@ -253,7 +264,7 @@ def compile_guard(
     source = f"def {name}(self, {params}):\n" + "".join(
         "    " + line + "\n" for line in body.splitlines()
     )
-    scope = {"local": threads.local, "slow": slow_path, "policy": policy, **namespace}
+    scope = {"_g_local": threads.local, "_g_slow": slow_path, "_g_policy": policy, **namespace}
     exec(compile(source, stacks.GUARD_FILENAME, "exec"), scope)
     guard: FunctionType = scope[name]
     if wrapped is not None:
@@ -261,6 +272,45 @@ def compile_guard(
         guard.__name__ = guard.__qualname__ = name
     guard.__sanitizer_policy__ = policy  # type: ignore[attr-defined]
     return guard
+
+
+class _Name:
+    """Renders as a bare name in a signature: a default passed by reference."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def parameters_of(func: Callable[..., Any]) -> tuple[str, dict[str, Any]] | None:
+    """The parameter list of a Python method without ``self``, and its defaults by name.
+
+    None for what has no Python signature to copy (C methods), or that uses the
+    guards' reserved names.
+    """
+    if not isinstance(func, FunctionType):  # a C method, or already bound
+        return None
+    try:
+        signature = inspect.signature(func, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None
+    copied, defaults = [], {}
+    for index, parameter in enumerate(parameters[1:]):
+        if parameter.name.startswith(RESERVED_PREFIX):
+            return None
+        default = parameter.default
+        if default is not parameter.empty:
+            defaults[f"_g_default{index}"] = default
+            default = _Name(f"_g_default{index}")
+        copied.append(parameter.replace(annotation=parameter.empty, default=default))
+    text = str(inspect.Signature(copied))
+    return text[1:-1], defaults
 
 
 @functools.cache

@@ -146,6 +146,33 @@ class TestThreadAffine:
         assert violation.holder_thread["name"] == "holder"
 
 
+class Registry:
+    def put(self, record: object, func: object = None, /, holder: object = (), *,
+            policy: str = "p", **state: object) -> tuple[object, ...]:
+        return (record, func, holder, policy, state)
+
+
+class TestGuardSignatures:
+    def test_guards_copy_python_signatures_and_never_shadow_parameters(
+            self, sanitized: Sanitized) -> None:
+        import inspect
+
+        original = Registry.put
+        registry = sanitizer.track(Registry())
+        guard = Registry.put
+        assert guard is not original
+        assert inspect.signature(guard, follow_wrapped=False) == inspect.signature(original)
+        assert guard.__code__.co_argcount == original.__code__.co_argcount
+        assert guard.__code__.co_kwonlyargcount == original.__code__.co_kwonlyargcount
+        assert guard.__defaults__ == original.__defaults__  # the same default objects
+        assert registry.put(1) == (1, None, (), "p", {})
+        assert registry.put(1, 2, holder=3, policy="q", me=4) == (1, 2, 3, "q", {"me": 4})
+        with pytest.raises(TypeError):
+            registry.put(record=1)  # positional-only stays positional-only
+        in_thread(lambda: registry.put(5))
+        assert [v.operation for v in sanitizer.violations()] == ["put"]
+
+
 class TestLayers:
     def test_one_misuse_is_reported_once_across_layers(self, sanitized: Sanitized) -> None:
         @sanitizer.thread_affine
