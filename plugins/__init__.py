@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sanitizer.exceptions import ConfigError
-from sanitizer.options import Options
-from sanitizer.plugin import Plugin
+
+if TYPE_CHECKING:  # importing this package (e.g. for the pytest plugin) stays light
+    from sanitizer.options import Options
+    from sanitizer.plugin import Plugin
 
 ENTRY_POINT_GROUP = "sanitizer.plugins"
 

@@ -2,6 +2,9 @@
 
 Switch it on with ``SANITIZE_THREADS=1`` (no code change), ``sanitize-threads run``,
 ``pytest --sanitize-threads`` or ``sanitizer.enable()``.
+
+PYTEST_DONT_REWRITE: the .pth imports this package before pytest, whose pytest11
+entry point would otherwise warn that it cannot rewrite it.
 """
 
 from __future__ import annotations

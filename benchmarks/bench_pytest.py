@@ -1,0 +1,162 @@
+"""Overhead of ``pytest --sanitize-threads`` on a suite of small sqlite3 tests without violations.
+
+Generates a suite (default 2,000 tests: connections made by fixtures and by the
+tests, queries, cursors, transactions, a few worker threads with their own
+connections), then runs it with and without the flag in the same run, alternating
+the order each round, and prints the medians and the wall-time ratio. Target:
+at most 5% overhead.
+
+    .venv/bin/python benchmarks/bench_pytest.py [--tests 2000] [--rounds 7]
+
+Needs the package installed with its pytest11 entry point (``make install``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+TESTS_PER_FILE = 50
+
+FILE = '''
+import sqlite3
+import threading
+
+import pytest
+
+
+@pytest.fixture
+def db():
+    conn = sqlite3.connect(":memory:")
+    conn.execute("create table items (id integer primary key, name text, qty integer)")
+    conn.executemany("insert into items (name, qty) values (?, ?)",
+                     [("item%d" % i, i) for i in range(20)])
+    yield conn
+    conn.close()
+
+
+@pytest.mark.parametrize("n", range({half}))
+def test_query(db, n):
+    cur = db.cursor()
+    cur.execute("select sum(qty) from items where id <= ?", (n % 20 + 1,))
+    assert cur.fetchone()[0] == sum(range(n % 20 + 1))
+    with db:
+        db.execute("update items set qty = qty + 1 where id = ?", (n % 20 + 1,))
+    assert db.execute("select count(*) from items").fetchone() == (20,)
+
+
+@pytest.mark.parametrize("n", range({rest}))
+def test_own_connection(n):
+    conn = sqlite3.connect(":memory:")
+    conn.execute("create table t (x)")
+    conn.execute("insert into t values (?)", (n,))
+    rows = conn.execute("select x from t").fetchall()
+    if n % 10 == 0:  # a worker thread with a connection of its own: no violation
+        out = []
+        def work():
+            own = sqlite3.connect(":memory:")
+            out.append(own.execute("select ?", (n,)).fetchone()[0])
+            own.close()
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        assert out == [n]
+    conn.close()
+    assert rows == [(n,)]
+'''
+
+
+def make_suite(root: Path, tests: int) -> int:
+    files = max(1, tests // TESTS_PER_FILE)
+    per_file = -(-tests // files)
+    for index in range(files):
+        half = per_file // 2
+        source = FILE.replace("{half}", str(half)).replace("{rest}", str(per_file - half))
+        (root / f"test_bench_{index:03d}.py").write_text(textwrap.dedent(source))
+    (root / "pytest.ini").write_text("[pytest]\n")
+    return files * per_file
+
+
+def run(root: Path, extra: list[str]) -> tuple[float, float, float, str]:
+    # As users run pytest: with .pyc files (some CI images set PYTHONDONTWRITEBYTECODE,
+    # which makes every run compile the sanitizer, structlog and pytest from source).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SANITIZE_THREADS", "PYTEST_ADDOPTS", "PYTEST_XDIST",
+                                "PYTHONDONTWRITEBYTECODE"))}
+    if extra and extra[0].startswith("SANITIZE_THREADS="):
+        env["SANITIZE_THREADS"] = extra[0].partition("=")[2]
+        extra = extra[1:]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.search(r"(\d+) passed in ([\d.]+)s", last)
+    if not match:
+        sys.exit(f"unexpected summary line: {last!r}")
+    return wall, cpu, float(match.group(2)), last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+
+    variants = {
+        "plugin not loaded": ["-p", "no:sanitize_threads"],
+        "off": [],
+        "--sanitize-threads": ["--sanitize-threads"],
+        # The sanitizer without the pytest plugin: what the plugin itself adds is the rest.
+        "sanitizer alone": ["SANITIZE_THREADS=1", "-p", "no:sanitize_threads"],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_pytest_") as tmp:
+        root = Path(tmp)
+        count = make_suite(root, args.tests)
+        print(f"{count} tests in {root}; {args.rounds} rounds, order alternating; "
+              f"Python {sys.version.split()[0]}")
+        run(root, ["--sanitize-threads"])  # warm the file cache and the .pyc files
+        run(root, [])
+        walls: dict[str, list[float]] = {name: [] for name in variants}
+        cpus: dict[str, list[float]] = {name: [] for name in variants}
+        sessions: dict[str, list[float]] = {name: [] for name in variants}
+        for round_number in range(args.rounds):
+            order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+            for name in order:
+                wall, cpu, session, last = run(root, variants[name])
+                if not last.startswith(f"{count} passed"):
+                    sys.exit(f"{name}: {last}")
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+                sessions[name].append(session)
+
+    print(f"{'variant':<22}{'wall':>10}{'CPU':>10}{'session':>10}   (medians)")
+    for name in variants:
+        print(f"{name:<22}{statistics.median(walls[name]):>9.3f}s"
+              f"{statistics.median(cpus[name]):>9.3f}s{statistics.median(sessions[name]):>9.3f}s")
+
+    def ratio(values: dict[str, list[float]]) -> str:
+        r = statistics.median(values["--sanitize-threads"]) / statistics.median(values["off"])
+        return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
+
+    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}; target <= +5%")
+    print(f"CPU-time ratio: {ratio(cpus)}; session-time ratio (pytest's 'in Ns'): "
+          f"{ratio(sessions)}")
+
+
+if __name__ == "__main__":
+    main()

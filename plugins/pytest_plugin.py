@@ -1,0 +1,990 @@
+"""pytest integration: every thread-affinity violation fails the test it happened in.
+
+Switching it on
+---------------
+Any of these, each taking the same option string as ``SANITIZE_THREADS``
+(``1``, ``raise``, ``action=raise,suppressions=sup.txt`` ...)::
+
+    pytest --sanitize-threads                 # defaults
+    pytest --sanitize-threads=raise           # an option string
+    [pytest] sanitize_threads = action=warn   # ini option (pytest.ini, tox.ini, pyproject.toml)
+    SANITIZE_THREADS=1 pytest                 # the environment
+
+Precedence is command line > ini option > environment: the layers are merged in
+that order, each one's keys overriding the ones below it (``SANITIZE_THREADS=
+suppressions=s.txt pytest --sanitize-threads=raise`` runs with both), and an
+off word (``0``, ``off``) in a higher layer switches the sanitizer off. An empty
+value counts as unset. Relative paths in the ini option are relative to the ini
+file, like pytest's own; elsewhere to the current directory. A bad string is a
+usage error (exit status 4) with a one-line message. When on, the header shows
+the settings in force. ``--sanitize-threads PATH`` (with a space) takes PATH as
+a test path whenever it exists or is not a valid option string; write
+``--sanitize-threads=OPTIONS`` to be explicit.
+
+With ``SANITIZE_THREADS`` set, the ``.pth`` line has already started a sanitizer
+at interpreter start; the plugin stops it and starts one with the merged options,
+so exactly one runs (and objects tracked so far stay tracked). The plugin's
+sanitizer runs from just before conftest.py files are imported until the end of
+the session; it is off afterwards. A test that switches it off affects only
+itself: the plugin switches it back on before the next test. ``-p
+no:sanitize_threads`` leaves an environment-started sanitizer running on its
+own, without test attribution.
+
+Attribution
+-----------
+A violation belongs to the test, and the phase (setup, call, teardown), running
+when it happens, in whatever thread: the test's own, a background thread whose
+exception was swallowed, an executor or a server thread. Whatever the action,
+even ``log``, it makes that test fail (call) or error (setup, teardown): the
+report gets a ``Thread-affinity violations (<phase>)`` section with the full
+report, a one-line reason, and a ``thread_affinity_violation`` user property
+(JSON) that JUnit XML shows. ``action=raise`` raises ``ThreadAffinityError`` at
+the call; when that exception is what fails the test, it is not reported twice,
+and a ThreadAffinityError that kills a background thread is not reported again
+as pytest's "unhandled thread exception" warning. ``action=warn`` also issues a
+``ThreadAffinityWarning``. Without ``log_file`` the sanitizer's own log lines are
+not written (the test report carries them); with it, they are, as usual. A
+skipped test with a violation fails; an xfailed one stays xfailed, with the
+section. Tests without violations are left exactly as they were.
+
+Threads that outlive their test
+-------------------------------
+Each thread started while the plugin is on remembers the test and phase it was
+started in (threads it starts inherit that). A violation in such a thread is
+attributed to the test running when it happens, which then fails, and is marked
+``in thread 'NAME' started during <phase> of <earlier test>``. If no test is
+running (collection, between tests, session end) it is attributed to the
+session: the terminal summary lists it under "outside any test", it goes into
+the JSON report with ``"nodeid": null``, and the exit status becomes 1 (tests
+failed) if it would have been 0.
+
+Per test
+--------
+``@pytest.mark.sanitize_threads(False)`` opts a test out: its violations are
+ignored (not raised, not reported; a ``log_file`` still logs them). Keyword
+arguments override the session's options for that test:
+
+* ``action="raise"`` (any action string) - what to do on a violation in it;
+* ``suppressions="path"`` - extra suppression rules for it, relative to the
+  test's file; the session's rules still apply;
+* ``policy="process"`` - which policies it enforces, written like the
+  ``plugins`` option: names joined by ``+`` enforce only those,
+  ``policy="-exclusive"`` ignores violations of that policy.
+
+Other options (log_file, format, track, ...) are for the whole session. The
+marker does nothing while the sanitizer is off.
+
+The ``thread_violations`` fixture is the live list of the test's violations
+not yet expected (``ThreadViolation`` objects: policy, object_type, operation,
+message, when, count, thread, origin, violation)::
+
+    with thread_violations.expect(policy="strict", object_type="sqlite3.*"):
+        run_in_thread(conn.execute, "select 1")   # join threads inside the block
+
+``expect`` fails the test unless a matching violation happens inside the block;
+the matching ones are consumed (moved to ``thread_violations.expected``) and no
+longer fail the test, and a matching ThreadAffinityError raised in the block
+(``action=raise``) is swallowed. The fixture skips the test when the sanitizer
+is off.
+
+Reports
+-------
+The terminal summary lists the violations per test (headline and sites).
+``--sanitize-threads-report=PATH`` (relative to the directory pytest was started
+in) writes every record (the event's fields as in ``log_file``, plus the test's
+node id, phase, whether it was expected, and for xdist the worker) as one JSON
+document. With ``exitcode=N`` the exit status is N when violations were found.
+With pytest-xdist each worker attributes its own tests; records travel in the
+reports' user properties, the session's in the worker output, and the controller
+prints the summary and writes the report. Stacks in these reports leave out
+pytest's and pluggy's frames.
+
+Before it is switched on this module only registers options, the marker and
+the fixture: it imports nothing of the sanitizer core and patches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Generator
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from sanitizer.control import Sanitizer
+    from sanitizer.options import Options
+    from sanitizer.report import Rule, Violation
+
+OPTION = "--sanitize-threads"
+REPORT_OPTION = "--sanitize-threads-report"
+INI = "sanitize_threads"
+MARKER = "sanitize_threads"
+PROPERTY = "thread_affinity_violation"
+WORKER_OUTPUT = "sanitize_threads"
+MARKER_KEYS = ("action", "suppressions", "policy")
+ENV_VAR = "SANITIZE_THREADS"  # sanitizer.options.ENV_VAR, without importing it
+
+_ORIGIN = "_sanitize_threads_origin"  # on threading.Thread objects: (nodeid, phase)
+_OURS = "_sanitize_threads_recorded"  # on ThreadAffinityErrors the plugin raised
+
+_PLUGIN = pytest.StashKey["_Plugin"]()
+_HELP = pytest.StashKey[bool]()
+_TRIED = pytest.StashKey[bool]()
+
+# Active instances in this process, innermost last: pytester's in-process runs nest.
+_stack: list[_Plugin] = []
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sanitize-threads", "thread-affinity sanitizer")
+    group.addoption(
+        OPTION, dest="sanitize_threads", nargs="?", const="1", default=None,
+        metavar="OPTIONS",
+        help="switch the thread-affinity sanitizer on. OPTIONS: as in SANITIZE_THREADS, e.g. "
+        "--sanitize-threads=action=raise; overrides the ini option, which overrides "
+        "SANITIZE_THREADS")
+    group.addoption(
+        REPORT_OPTION, dest="sanitize_threads_report", default=None, metavar="PATH",
+        help="write every thread-affinity violation, with its test's node id, to PATH as JSON")
+    parser.addini(INI, "switch the thread-affinity sanitizer on, with options as in "
+                  "SANITIZE_THREADS (overridden by --sanitize-threads)", default="")
+
+
+def _is_option_string(token: str) -> bool:
+    """Whether ``--sanitize-threads TOKEN`` gives TOKEN as the option string (not a path)."""
+    if "::" in token or os.path.exists(token):
+        return False
+    if "=" in token:
+        return True
+    from sanitizer import options as opts
+    from sanitizer.exceptions import ConfigError
+
+    try:
+        opts.parse(token)
+    except opts.HelpRequested:
+        return True
+    except ConfigError:
+        return False
+    return True
+
+
+def _fix_args(args: list[str]) -> str | None:
+    """Rewrite ``--sanitize-threads PATH`` so PATH stays a test path; the last value given."""
+    value = None
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            break
+        if arg == OPTION:
+            following = args[index + 1] if index + 1 < len(args) else None
+            if following is not None and not following.startswith("-") \
+                    and _is_option_string(following):
+                value = following
+                index += 2
+                continue
+            args[index] = OPTION + "=1"
+            value = "1"
+        elif arg.startswith(OPTION + "="):
+            value = arg.partition("=")[2]
+        index += 1
+    return value
+
+
+@dataclasses.dataclass
+class _Resolved:
+    options: Options | None
+    sources: list[str]
+    switched_off: bool  # an off word in the highest layer that said anything
+
+
+def _layers(config: pytest.Config, cli_value: str | None) -> list[tuple[str, str]]:
+    """The forms that were given, lowest precedence first: environment, ini, command line."""
+    ini_text = config.getini(INI)
+    layers = [
+        (ENV_VAR, os.environ.get(ENV_VAR)),
+        (f"ini option {INI}", ini_text if isinstance(ini_text, str) else None),
+        (OPTION, cli_value),
+    ]
+    return [(source, text) for source, text in layers if text and text.strip()]
+
+
+def _resolve(config: pytest.Config, layers: list[tuple[str, str]]) -> _Resolved:
+    """Merge the layers in order, each one's keys overriding the ones below."""
+    from sanitizer import options as opts
+
+    options: Options | None = None
+    sources: list[str] = []
+    off = False
+    for source, text in layers:
+        parsed = opts.parse(text, source=source, base=options or opts.DEFAULTS)
+        if parsed is None:
+            options, sources, off = None, [], True
+            continue
+        if source.startswith("ini") and config.inipath is not None:
+            parsed = _relative_paths(parsed, options or opts.DEFAULTS, config.inipath.parent)
+        options, off = parsed, False
+        sources.append(source)
+    return _Resolved(options, sources, off)
+
+
+def _relative_paths(options: Options, base: Options, directory: Path) -> Options:
+    for key in ("suppressions", "log_file"):
+        value = getattr(options, key)
+        if value and value != getattr(base, key) and not os.path.isabs(value):
+            options = options.replace(**{key: str(directory / value)})
+    return options
+
+
+def _activate(config: pytest.Config, cli_value: str | None) -> None:
+    """Start the plugin if any form switches it on; once per config."""
+    if config.stash.get(_TRIED, False):
+        return
+    config.stash[_TRIED] = True
+    layers = _layers(config, cli_value)
+    if not layers:
+        return  # the common case: imports nothing, patches nothing
+    from sanitizer import options as opts
+    from sanitizer.exceptions import ConfigError
+
+    try:
+        resolved = _resolve(config, layers)
+    except opts.HelpRequested:
+        config.stash[_HELP] = True
+        return
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if resolved.options is None:
+        control = sys.modules.get("sanitizer.control")
+        if resolved.switched_off and not _stack and control is not None:
+            control.disable()  # started by the .pth, switched off for this run
+        return
+    plugin = _Plugin(config, resolved.options, resolved.sources)
+    try:
+        plugin.start()
+    except ConfigError as exc:  # unreadable suppressions, unknown plugin ...
+        plugin.stop()
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_PLUGIN] = plugin
+    config.add_cleanup(plugin.stop)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) -> None:
+    # Early, so that objects made while conftest.py files are imported are tracked,
+    # as they are when SANITIZE_THREADS starts the sanitizer.
+    value = _fix_args(args)
+    if value is None:
+        value = getattr(early_config.known_args_namespace, "sanitize_threads", None)
+    capture = early_config.pluginmanager.getplugin("capturemanager")
+    quiet = (capture.global_and_fixture_disabled() if capture is not None
+             else contextlib.nullcontext())
+    with quiet:  # the sanitizer dups stderr: the real one, not the capture file
+        _activate(early_config, value)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(enabled=True, *, action=None, suppressions=None, policy=None): "
+        "thread-affinity sanitizer settings for this test; sanitize_threads(False) opts out")
+    _activate(config, config.option.sanitize_threads)  # if registered after the early hook
+    if config.stash.get(_HELP, False):
+        from sanitizer.options import help_text
+
+        sys.stdout.write(help_text() + "\n")
+        pytest.exit("sanitize-threads: help shown", returncode=0)
+    plugin = config.stash.get(_PLUGIN, None)
+    if plugin is not None and not config.pluginmanager.is_registered(plugin):
+        plugin.configure()
+        config.pluginmanager.register(plugin, "sanitize_threads_session")
+
+
+# -- what a test sees --------------------------------------------------------------
+
+
+class ThreadViolation:
+    """One violation (one access site, creation site and policy) in one test, with its count."""
+
+    def __init__(self, violation: Violation, when: str, thread: str,
+                 origin: tuple[str, str] | None, seq: int) -> None:
+        self.violation = violation
+        self.when = when
+        self.thread = thread
+        self.origin = origin  # (nodeid, phase) of the test that started the thread, if earlier
+        self.count = 1
+        self.seq = seq  # order of the latest occurrence
+        self.id = f"{os.getpid()}-{seq}"  # unique across xdist workers
+        self.expected = False
+
+    @property
+    def policy(self) -> str:
+        return self.violation.policy
+
+    @property
+    def object_type(self) -> str:
+        return self.violation.object_type
+
+    @property
+    def operation(self) -> str:
+        return self.violation.operation
+
+    @property
+    def message(self) -> str:
+        return self.violation.message
+
+    def matches(self, policy: str | None, object_type: str | None, operation: str | None,
+                match: str | re.Pattern[str] | None) -> bool:
+        return ((policy is None or self.policy == policy)
+                and (object_type is None or fnmatch.fnmatchcase(self.object_type, object_type))
+                and (operation is None or self.operation == operation)
+                and (match is None or re.search(match, self.message) is not None))
+
+    def __repr__(self) -> str:
+        return (f"<ThreadViolation ({self.policy}) {self.object_type}.{self.operation} "
+                f"in {self.when}, {self.count}x>")
+
+
+class ThreadViolations(list[ThreadViolation]):
+    """The ``thread_violations`` fixture: the test's violations not expected so far."""
+
+    def __init__(self, run: _TestRun) -> None:
+        super().__init__()
+        self.expected: list[ThreadViolation] = []
+        self._run = run
+
+    def expect(self, policy: str | None = None, object_type: str | None = None,
+               operation: str | None = None, match: str | re.Pattern[str] | None = None
+               ) -> _Expectation:
+        """Assert that a matching violation happens inside the block, and consume it.
+
+        ``object_type`` is a glob (``sqlite3.*``), ``match`` a regex searched in
+        the message. Threads must have done their work before the block ends.
+        """
+        criteria = {"policy": policy, "object_type": object_type, "operation": operation,
+                    "match": match}
+        return _Expectation(self, {k: v for k, v in criteria.items() if v is not None})
+
+    def _consume(self, since: int, criteria: dict[str, Any]) -> list[ThreadViolation]:
+        with self._run.plugin.lock:
+            found = [v for v in self if v.seq > since and v.matches(
+                criteria.get("policy"), criteria.get("object_type"),
+                criteria.get("operation"), criteria.get("match"))]
+            for record in found:
+                record.expected = True
+                self.remove(record)
+                self.expected.append(record)
+                self._run.forget(record)
+        return found
+
+
+class _Expectation:
+    def __init__(self, violations: ThreadViolations, criteria: dict[str, Any]) -> None:
+        self.violations = violations
+        self.criteria = criteria
+        self.start = 0
+
+    def __enter__(self) -> ThreadViolations:
+        self.start = self.violations._run.plugin.seq
+        return self.violations
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        found = self.violations._consume(self.start, self.criteria)
+        if not found:
+            if exc is not None:
+                return False  # the block's own error says more
+            wanted = ", ".join(f"{k}={v!r}" for k, v in self.criteria.items()) or "any"
+            seen = "; ".join(f"({v.policy}) {v.message}" for v in self.violations) or "none"
+            note = ("" if self.violations._run.settings.enabled
+                    else " (the sanitizer is off for this test)")
+            pytest.fail(f"expected a thread-affinity violation matching {wanted} inside the "
+                        f"block, but none happened{note}; other violations so far: {seen}",
+                        pytrace=False)
+        from sanitizer.exceptions import ThreadAffinityError
+
+        return (isinstance(exc, ThreadAffinityError)
+                and exc.violation.key in {v.violation.key for v in found})
+
+
+@pytest.fixture
+def thread_violations(request: pytest.FixtureRequest) -> ThreadViolations:
+    """The thread-affinity violations seen so far in this test; ``.expect()`` consumes them."""
+    plugin = request.config.stash.get(_PLUGIN, None)
+    run = plugin.current if plugin is not None else None
+    if plugin is None or run is None or run.item is not request.node:
+        pytest.skip("thread_violations needs the sanitizer: run pytest --sanitize-threads")
+    return run.violations
+
+
+# -- per-test settings ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    enabled: bool = True
+    action: tuple[str, ...] = ("log",)
+    rules: tuple[Rule, ...] = ()  # beyond the session's, which the Reporter applies
+    policies: tuple[str, ...] = ()  # like Options.plugins: names, "-name" ignores
+    error: str | None = None
+
+    def admits(self, violation: Violation) -> bool:
+        if not self.enabled:
+            return False
+        if self.policies:
+            name = violation.policy
+            wanted = [p for p in self.policies if not p.startswith("-")]
+            if "-" + name in self.policies or (wanted and name not in wanted):
+                return False
+        return not any(rule.matches(violation) for rule in self.rules)
+
+
+def _settings_for(item: pytest.Item, base: _Settings, options: Options) -> _Settings:
+    markers = list(item.iter_markers(MARKER))
+    if not markers:
+        return base
+    enabled = True
+    values: dict[str, Any] = {}
+    where = f"@pytest.mark.{MARKER} on {item.nodeid}"
+    for mark in reversed(markers):  # the closest marker wins
+        if len(mark.args) > 1 or (mark.args and not isinstance(mark.args[0], bool)):
+            return _Settings(error=f"{where}: takes one positional argument, True or False; "
+                                   f"got {mark.args!r}")
+        if mark.args:
+            enabled = mark.args[0]
+        values.update(mark.kwargs)
+    unknown = sorted(set(values) - set(MARKER_KEYS))
+    if unknown:
+        return _Settings(error=f"{where}: unknown argument {unknown[0]!r}; accepted: "
+                               f"{', '.join(MARKER_KEYS)} (other options are for the whole "
+                               "session: command line, ini option or SANITIZE_THREADS)")
+    if not enabled:
+        return _Settings(enabled=False)
+    from sanitizer import options as opts
+    from sanitizer import policies, report
+
+    try:
+        action = opts.from_kwargs({"action": values["action"]}, base=options,
+                                  source=where).action if "action" in values else base.action
+        rules = base.rules
+        if values.get("suppressions"):
+            path = Path(item.path).parent / str(values["suppressions"])
+            rules = (*rules, *report.load_suppressions(str(path)))
+        names = base.policies
+        if values.get("policy"):
+            text = values["policy"]
+            items = text.split("+") if isinstance(text, str) else list(text)
+            names = tuple(n.strip() for n in items if n.strip())
+            for name in names:
+                policies.get(name.removeprefix("-"))
+    except ValueError as exc:  # ConfigError
+        message = str(exc)
+        return _Settings(error=message if message.startswith(where) else f"{where}: {message}")
+    return _Settings(True, action, rules, names)
+
+
+# -- the plugin while on ---------------------------------------------------------------
+
+
+class _TestRun:
+    """Violations attributed to one test (or, with nodeid None, to the session)."""
+
+    def __init__(self, plugin: _Plugin, nodeid: str | None, settings: _Settings,
+                 item: pytest.Item | None = None) -> None:
+        self.plugin = plugin
+        self.nodeid = nodeid
+        self.item = item
+        self.settings = settings
+        self.when = "setup" if nodeid is not None else "collection"
+        self.call: pytest.CallInfo[None] | None = None
+        self.records: dict[tuple[object, ...], ThreadViolation] = {}  # by key, not yet expected
+        self.all: list[ThreadViolation] = []
+        self.pending: list[ThreadViolation] = []  # not yet in a report
+        self._violations: ThreadViolations | None = None
+
+    @property
+    def violations(self) -> ThreadViolations:
+        """The fixture's list, made on first use (most tests never ask)."""
+        if self._violations is None:
+            with self.plugin.lock:
+                if self._violations is None:
+                    self._violations = ThreadViolations(self)
+                    self._violations += [r for r in self.all if not r.expected]
+        return self._violations
+
+    def add(self, violation: Violation, thread: str, origin: tuple[str, str] | None,
+            seq: int) -> ThreadViolation:
+        """Count one occurrence (called with the plugin's lock held)."""
+        record = self.records.get(violation.key)
+        if record is not None:
+            record.count += 1
+            record.seq = seq
+            return record
+        record = ThreadViolation(violation, self.when, thread, origin, seq)
+        self.records[violation.key] = record
+        self.all.append(record)
+        self.pending.append(record)
+        if self._violations is not None:
+            self._violations.append(record)
+        return record
+
+    def forget(self, record: ThreadViolation) -> None:
+        """An expected record no longer fails the test; a new occurrence starts a new one."""
+        if self.records.get(record.violation.key) is record:
+            del self.records[record.violation.key]
+        if record in self.pending:
+            self.pending.remove(record)
+
+
+class _Plugin:
+    """Registered while the sanitizer is on for a pytest session."""
+
+    def __init__(self, config: pytest.Config, options: Options, sources: list[str]) -> None:
+        self.config = config
+        self.options = options
+        self.sources = sources
+        self.base = _Settings(action=options.action)
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.seq = 0
+        self.worker = False
+        self.controller = False
+        self.sanitizer: Sanitizer | None = None
+        self._control: Any = None  # sanitizer.control, once started
+        self.session_run = _TestRun(self, None, self.base)
+        self.current: _TestRun | None = None
+        self.records: list[dict[str, Any]] = []  # what the summary and the JSON report show
+        self.seen_records: set[object] = set()
+        self._restore: list[Callable[[], None]] = []
+        self._marked_parents: dict[pytest.Collector, bool] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def runtime_options(self) -> Options:
+        """What the sanitizer itself runs with: the plugin does the actions, per test.
+
+        Its own log is kept only for a log_file; the exit code is the session's.
+        """
+        action = ("log",) if self.options.log_file and "log" in self.options.action else ()
+        return dataclasses.replace(self.options, action=action, exitcode=None)
+
+    def start(self) -> None:
+        from sanitizer import control
+
+        self._control = control
+        if _stack:
+            _stack[-1].detach()
+        control.disable()  # the .pth's, or an outer session's: exactly one runs
+        _stack.append(self)
+        self.attach(control.enable(self.runtime_options))
+
+    def attach(self, sanitizer: Sanitizer) -> None:
+        self.sanitizer = sanitizer
+        reporter = sanitizer.reporter
+        original = reporter.handle
+        local = self.local
+
+        def handle(violation: Violation) -> None:
+            # Listeners get the first occurrence of a deduplicated violation; keep
+            # this one, whose thread, object and stacks are the ones of this test.
+            local.occurrence = violation
+            try:
+                original(violation)
+            finally:
+                local.occurrence = None
+
+        reporter.handle = handle  # type: ignore[method-assign]
+        reporter.listeners.append(self.on_violation)
+
+    def _resume(self) -> None:
+        """A test switched the sanitizer off (or swapped it): on again for the next one."""
+        if _stack and _stack[-1] is self and self._control.running() is None:
+            self.attach(self._control.enable(self.runtime_options))
+
+    def detach(self) -> None:
+        from sanitizer import control
+
+        if self.sanitizer is not None and self.sanitizer is control.running():
+            control.disable()
+        self.sanitizer = None
+
+    def configure(self) -> None:
+        self.worker = hasattr(self.config, "workerinput")
+        self.controller = (not self.worker
+                           and self.config.getoption("dist", "no") not in ("no", None))
+        if self.controller:  # the workers run the tests, each with its own sanitizer
+            self.stop()
+
+    def stop(self) -> None:
+        """Undo start() and the session's patches; safe to call twice."""
+        while self._restore:
+            self._restore.pop()()
+        if self not in _stack:
+            return
+        innermost = _stack[-1] is self
+        _stack.remove(self)
+        self.detach()
+        if innermost and _stack:
+            from sanitizer import control
+
+            outer = _stack[-1]
+            outer.attach(control.enable(outer.runtime_options))
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.stop()
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.controller:
+            return
+        self._patch_thread_start()
+        self._wrap_excepthook()
+
+    def _patch_thread_start(self) -> None:
+        original = threading.Thread.start
+        plugin = self
+
+        def start(thread: threading.Thread) -> None:
+            if _stack and _stack[-1] is plugin:  # an in-process run inside ours does it
+                origin = getattr(threading.current_thread(), _ORIGIN, None)
+                if origin is None:
+                    run = plugin.current
+                    origin = (run.nodeid, run.when) if run is not None else None
+                if origin is not None:
+                    with contextlib.suppress(AttributeError):
+                        setattr(thread, _ORIGIN, origin)
+            original(thread)
+
+        threading.Thread.start = start  # type: ignore[method-assign,assignment]
+
+        def restore() -> None:
+            if threading.Thread.start is start:
+                threading.Thread.start = original  # type: ignore[method-assign]
+        self._restore.append(restore)
+
+    def _wrap_excepthook(self) -> None:
+        # After pytest's threadexception plugin set its own: a ThreadAffinityError
+        # that ends a thread is already this plugin's report, not another warning.
+        previous = threading.excepthook
+
+        def excepthook(args: threading.ExceptHookArgs, /) -> Any:
+            if getattr(args.exc_value, _OURS, False):
+                return None
+            return previous(args)
+
+        threading.excepthook = excepthook
+
+        def restore() -> None:
+            if threading.excepthook is excepthook:
+                threading.excepthook = previous
+        self._restore.append(restore)
+
+    # -- attribution -------------------------------------------------------------------
+
+    def on_violation(self, violation: Violation, first: bool) -> None:
+        """Reporter listener: runs in the violating thread for every unsuppressed occurrence."""
+        occurrence = getattr(self.local, "occurrence", None)
+        if occurrence is not None and occurrence.key == violation.key:
+            violation = occurrence
+        thread = threading.current_thread()
+        origin = getattr(thread, _ORIGIN, None)
+        with self.lock:
+            run = self.current or self.session_run
+            settings = run.settings
+            if not settings.admits(violation):
+                return
+            if origin is not None and origin[0] == run.nodeid:
+                origin = None
+            self.seq += 1
+            record = run.add(violation, thread.name, origin, self.seq)
+        if "warn" in settings.action and record.count == 1:
+            from sanitizer.exceptions import ThreadAffinityWarning
+
+            site = violation.access_site
+            filename, line = (site[0].co_filename, site[1]) if site else ("<unknown>", 0)
+            warnings.warn_explicit(ThreadAffinityWarning(violation.message),
+                                   ThreadAffinityWarning, filename, line)
+        if "raise" in settings.action:
+            from sanitizer.exceptions import ThreadAffinityError
+
+            error = ThreadAffinityError(violation)
+            setattr(error, _OURS, True)
+            raise error
+
+    # Plain hooks, not wrappers: a test without violations costs a few attribute reads.
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if self.sanitizer is None or self.sanitizer is not self._control.running():
+            self._resume()
+        marked = (any(mark.name == MARKER for mark in item.own_markers)
+                  or self._parent_marked(item.parent))
+        settings = _settings_for(item, self.base, self.options) if marked else self.base
+        run = _TestRun(self, item.nodeid, settings, item)
+        with self.lock:
+            self.current = run
+        if run.settings.error:
+            pytest.fail(run.settings.error, pytrace=False)
+
+    def _parent_marked(self, node: pytest.Collector | None) -> bool:
+        """Whether a module, class or package above the test has the marker (cached)."""
+        if node is None:
+            return False
+        marked = self._marked_parents.get(node)
+        if marked is None:
+            marked = self._marked_parents[node] = node.get_closest_marker(MARKER) is not None
+        return marked
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+        run = self.current
+        if run is not None and run.item is item:
+            run.call = call  # for its exception, in pytest_runtest_logreport
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Amend the report before pytest, JUnit XML or xdist see it."""
+        run = self.current
+        if run is None or run.nodeid != report.nodeid:
+            if self.controller and report.when == "teardown":  # a worker's records
+                for name, value in report.user_properties:
+                    if name == PROPERTY and isinstance(value, str):
+                        with contextlib.suppress(ValueError):
+                            self._take(json.loads(value))
+            return
+        new: list[ThreadViolation] = []
+        if run.pending:
+            with self.lock:
+                new = [r for r in run.pending if not r.expected]
+                run.pending.clear()
+        if report.when == "setup":
+            run.when = "call" if report.passed else "teardown"
+        elif report.when == "call":
+            run.when = "teardown"
+        else:  # later violations are the next test's, or the session's
+            with self.lock:
+                self.current = None
+                self.session_run.when = "between tests"
+        if new:
+            self._fail(report, run.call, new)
+        if report.when == "teardown" and run.all:
+            for record in run.all:
+                data = self._as_dict(record, run.nodeid)
+                value = json.dumps(data, default=repr)
+                report.user_properties.append((PROPERTY, value))
+                if run.item is not None:
+                    run.item.user_properties.append((PROPERTY, value))
+                if not self.worker:
+                    self._take(data)
+
+    def _fail(self, report: pytest.TestReport, call: pytest.CallInfo[None] | None,
+              records: list[ThreadViolation]) -> None:
+        excinfo = call.excinfo if call is not None and call.when == report.when else None
+        raised = _raised_keys(excinfo.value if excinfo is not None else None)
+        records = [r for r in records if r.violation.key not in raised]
+        if not records:
+            return  # the ThreadAffinityError that failed the test says it already
+        report.sections.append((f"Thread-affinity violations ({report.when})",
+                                "\n".join(self._render(r) for r in records)))
+        if report.failed or (getattr(report, "wasxfail", None) and report.skipped):
+            return
+        report.outcome = "failed"
+        with contextlib.suppress(AttributeError):
+            del report.wasxfail
+        first = records[0]
+        head = (f"thread-affinity violation ({first.policy}): {first.message}"
+                if len(records) == 1 else
+                f"{len(records)} thread-affinity violations; first ({first.policy}): "
+                f"{first.message}")
+        lines = [head]
+        for record in records:
+            if len(records) > 1:
+                lines.append(f"  ({record.policy}) {record.message}")
+            lines += ["  " + line for line in self._sites(self._as_dict(record, None))]
+        report.longrepr = "\n".join(lines)
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _as_dict(self, record: ThreadViolation, nodeid: str | None) -> dict[str, Any]:
+        from sanitizer import stacks
+        from sanitizer.report import EVENT
+
+        violation = record.violation
+        event = violation.event()
+        event["count"] = record.count
+        for key in ("access_stack", "creation_stack", "holder_stack"):
+            if key in event:
+                event[key] = _without_pytest(event[key])
+        site = violation.access_site
+        created = violation.creation_site
+        return {
+            "id": record.id,
+            "nodeid": nodeid,
+            "when": record.when,
+            "expected": record.expected,
+            "thread_name": record.thread,
+            "origin": ({"nodeid": record.origin[0], "when": record.origin[1]}
+                       if record.origin else None),
+            "worker": self.config.workerinput["workerid"] if self.worker  # type: ignore[attr-defined]
+            else None,
+            "access_site": stacks.frame_dict(site) if site else None,
+            "creation_site": stacks.frame_dict(created) if created else None,
+            "event": EVENT,
+            **event,
+        }
+
+    def _sites(self, data: dict[str, Any]) -> list[str]:
+        lines = []
+        for label, key in (("used at", "access_site"), ("created at", "creation_site")):
+            site = data.get(key)
+            if site:
+                lines.append(f"{label} {self._path(site['file'])}:{site['line']} in "
+                             f"{site['function']}")
+        if data.get("origin"):
+            origin = data["origin"]
+            lines.append(f"in thread {data.get('thread_name')!r} started during "
+                         f"{origin['when']} of {origin['nodeid']}")
+        return lines
+
+    def _path(self, filename: str) -> str:
+        root = str(self.config.rootpath) + os.sep
+        return filename[len(root):] if filename.startswith(root) else filename
+
+    def _render(self, record: ThreadViolation) -> str:
+        from sanitizer.report import render_console
+
+        data = self._as_dict(record, None)
+        text = render_console(None, "warning", data)
+        if record.origin:
+            text += (f"\n  (in thread {record.thread!r}, started during {record.origin[1]} of "
+                     f"{record.origin[0]})")
+        return text
+
+    def _take(self, data: dict[str, Any]) -> None:
+        if data.get("id") not in self.seen_records:  # reports may repeat the item's properties
+            self.seen_records.add(data.get("id"))
+            self.records.append(data)
+
+    def _session_records(self) -> list[dict[str, Any]]:
+        with self.lock:
+            records = list(self.session_run.all)
+        return [self._as_dict(r, None) for r in records]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        for data in json.loads(output.get(WORKER_OUTPUT, "[]")):
+            self._take(data)
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:
+        # Innermost wrapper: after every plain sessionfinish (conftests may still
+        # violate), before the terminal summary and xdist's sending of the worker output.
+        with self.lock:
+            self.session_run.when = "session end"
+        yield
+        if self.worker:
+            self.config.workeroutput[WORKER_OUTPUT] = json.dumps(  # type: ignore[attr-defined]
+                self._session_records(), default=repr)
+        else:
+            self._finish(session)
+
+    def _finish(self, session: pytest.Session) -> None:
+        for data in self._session_records():
+            self._take(data)
+        failing = [r for r in self.records if not r.get("expected")]
+        if any(r["nodeid"] is None for r in failing) and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if failing and self.options.exitcode is not None:
+            session.exitstatus = self.options.exitcode
+        path = self.config.option.sanitize_threads_report
+        if path:
+            target = Path(self.config.invocation_params.dir, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            document = {"options": self.options.to_string(), "records": self.records}
+            target.write_text(json.dumps(document, indent=2, default=repr) + "\n")
+
+    # -- terminal ----------------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        return (f"sanitize-threads: {self.options.to_string()} "
+                f"(from {', '.join(reversed(self.sources))})")
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.worker:
+            return
+        failing = [r for r in self.records if not r.get("expected")]
+        if not failing:
+            return
+        write = terminalreporter.write_line
+        terminalreporter.write_sep("=", "thread-affinity violations")
+        groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
+        for data in failing:
+            groups.setdefault((data["nodeid"], data["when"]), []).append(data)
+        for (nodeid, when), records in groups.items():
+            where = f"{nodeid} ({when})" if nodeid else f"outside any test ({when})"
+            worker = records[0].get("worker")
+            write(where + (f" [{worker}]" if worker else ""), bold=True)
+            for data in records:
+                count = f" [{data['count']}x]" if data.get("count", 1) > 1 else ""
+                write(f"  ({data['policy']}) {data['message']}{count}")
+                for line in self._sites(data):
+                    write("      " + line)
+        tests = len({r["nodeid"] for r in failing if r["nodeid"]})
+        outside = sum(1 for r in failing if not r["nodeid"])
+        total = sum(int(r.get("count", 1)) for r in failing)
+        summary = f"sanitize-threads: {total} violation(s) in {tests} test(s)"
+        if outside:
+            summary += f", {outside} outside any test"
+        write(summary, red=True)
+
+
+def _raised_keys(error: BaseException | None) -> set[tuple[object, ...]]:
+    """Keys of the ThreadAffinityErrors this plugin raised that are in an exception's chain."""
+    keys: set[tuple[object, ...]] = set()
+    todo = [error]
+    seen: set[int] = set()
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if getattr(exc, _OURS, False):
+            keys.add(exc.violation.key)  # type: ignore[attr-defined]
+        todo += [exc.__cause__, exc.__context__]
+        group = getattr(exc, "exceptions", None)  # an ExceptionGroup's members
+        if isinstance(group, tuple):
+            todo += [e for e in group if isinstance(e, BaseException)]
+    return keys
+
+
+def _pytest_dirs() -> tuple[str, ...]:
+    import _pytest
+    import pluggy
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep
+                 for m in (_pytest, pluggy))
+
+
+def _without_pytest(stack: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frames up to the first of pytest's or pluggy's (its machinery, not the test's)."""
+    dirs = _pytest_dirs()
+    for index, frame in enumerate(stack):
+        if index and str(frame.get("file", "")).startswith(dirs):
+            return stack[:index]
+    return stack
+
