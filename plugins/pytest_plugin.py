@@ -559,7 +559,6 @@ class _Plugin:
         self.sources = sources
         self.base = _Settings(action=options.action)
         self.lock = threading.Lock()
-        self.local = threading.local()
         self.seq = 0
         self.worker = False
         self.controller = False
@@ -595,21 +594,7 @@ class _Plugin:
 
     def attach(self, sanitizer: Sanitizer) -> None:
         self.sanitizer = sanitizer
-        reporter = sanitizer.reporter
-        original = reporter.handle
-        local = self.local
-
-        def handle(violation: Violation) -> None:
-            # Listeners get the first occurrence of a deduplicated violation; keep
-            # this one, whose thread, object and stacks are the ones of this test.
-            local.occurrence = violation
-            try:
-                original(violation)
-            finally:
-                local.occurrence = None
-
-        reporter.handle = handle  # type: ignore[method-assign]
-        reporter.listeners.append(self.on_violation)
+        sanitizer.reporter.listeners.append(self.on_violation)
 
     def _resume(self) -> None:
         """A test switched the sanitizer off (or swapped it): on again for the next one."""
@@ -697,9 +682,6 @@ class _Plugin:
 
     def on_violation(self, violation: Violation, first: bool) -> None:
         """Reporter listener: runs in the violating thread for every unsuppressed occurrence."""
-        occurrence = getattr(self.local, "occurrence", None)
-        if occurrence is not None and occurrence.key == violation.key:
-            violation = occurrence
         thread = threading.current_thread()
         origin = getattr(thread, _ORIGIN, None)
         with self.lock:

@@ -50,6 +50,7 @@ class Patcher:
 
 def when_imported(module_name: str, hook: ImportHook) -> None:
     """Run ``hook(module)`` when the module is imported, or now if it already is."""
+    keep_hook_finder_first()
     hooks = _hooks.get(module_name)
     if hooks is None:
         hooks = _hooks[module_name] = [hook]
@@ -60,6 +61,24 @@ def when_imported(module_name: str, hook: ImportHook) -> None:
     module = sys.modules.get(module_name)
     if module is not None:
         hook(module)
+
+
+def keep_hook_finder_first() -> None:
+    """Put wrapt's post-import finder first in ``sys.meta_path`` (adding it back if gone).
+
+    A finder ahead of it (pytest's assertion rewriter, for modules it rewrites)
+    would import modules without our hooks firing, and code that restores
+    ``sys.meta_path`` (pytester) drops it for good: wrapt adds it only once. It
+    asks the finders behind it and only wraps their loader, so first is safe.
+    """
+    from wrapt.importer import ImportHookFinder
+
+    finders = [f for f in sys.meta_path if isinstance(f, ImportHookFinder)]
+    if finders and sys.meta_path[0] is finders[0]:
+        return
+    for finder in finders:
+        sys.meta_path.remove(finder)
+    sys.meta_path.insert(0, finders[0] if finders else ImportHookFinder())
 
 
 def forget(hook: ImportHook) -> None:

@@ -275,6 +275,7 @@ def build_logger(options: Options) -> Any:
 
 # -- the reporter -----------------------------------------------------------------
 
+# (this occurrence, whether it is the first of its kind): every unsuppressed one.
 Listener = Callable[[Violation, bool], None]
 
 
@@ -304,8 +305,10 @@ class Reporter:
         first = seen is None
         current = violation if first else seen
         assert current is not None
+        # Listeners see this occurrence (its thread, object and stacks), not the
+        # first one of its kind; ``first`` says whether it is new.
         for listener in list(self.listeners):
-            listener(current, first)
+            listener(violation, first)
         actions = self.options.action
         if first and "log" in actions:
             self.logger.warning(EVENT, **violation.event())

@@ -408,3 +408,29 @@ class TestThirdPartyPlugin:
                              env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "[('exclusive', 'mylib.Client')]"
+
+
+class TestImportHooks:
+    def test_hooks_fire_when_another_finder_comes_first_or_the_finder_was_dropped(
+            self, enable: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """pytest's assertion rewriter goes first for the modules it rewrites, and
+        pytester restores sys.meta_path; neither may stop modules being patched."""
+        import importlib.machinery
+
+        from wrapt.importer import ImportHookFinder
+
+        (tmp_path / "late_client.py").write_text(
+            "class Client:\n    def get(self):\n        return 1\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+        class FirstFinder(importlib.machinery.PathFinder):  # like pytest's rewriter
+            pass
+        monkeypatch.setattr(sys, "meta_path", [FirstFinder, *(
+            f for f in sys.meta_path if not isinstance(f, ImportHookFinder))])
+        enable(track="late_client:Client")
+        assert isinstance(sys.meta_path[0], ImportHookFinder)
+        import late_client  # type: ignore[import-not-found]
+
+        in_thread(late_client.Client().get)
+        assert [v.object_type for v in sanitizer.violations()] == ["late_client.Client"]
+        sys.modules.pop("late_client")
