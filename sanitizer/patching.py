@@ -71,7 +71,7 @@ def keep_hook_finder_first() -> None:
     ``sys.meta_path`` (pytester) drops it for good: wrapt adds it only once. It
     asks the finders behind it and only wraps their loader, so first is safe.
     """
-    from wrapt.importer import ImportHookFinder
+    from wrapt.importer import ImportHookFinder  # type: ignore[import-untyped]
 
     finders = [f for f in sys.meta_path if isinstance(f, ImportHookFinder)]
     if finders and sys.meta_path[0] is finders[0]:
