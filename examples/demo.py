@@ -26,7 +26,19 @@ def main() -> int:
     json_run = subprocess.run([sys.executable, str(app)], env=env, capture_output=True,
                               text=True)
     print(json_run.stderr.splitlines()[0][:400] + " ...")
-    return json_run.returncode
+    if json_run.returncode != 0:
+        return json_run.returncode
+
+    test = HERE / "test_shared_connection.py"
+    print(f"\n$ pytest --sanitize-threads {test.relative_to(HERE.parent)}"
+          "   # the same bug, caught in a test suite\n", flush=True)
+    env.pop("SANITIZE_THREADS")
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "--sanitize-threads", str(test)], env=env, capture_output=True,
+                           text=True, cwd=HERE)
+    print(tests.stdout + tests.stderr)
+    # The example exists to fail under the sanitizer: anything else is a broken demo.
+    return 0 if tests.returncode == 1 else tests.returncode or 1
 
 
 if __name__ == "__main__":

@@ -583,9 +583,11 @@ class _Plugin:
         return dataclasses.replace(self.options, action=action, exitcode=None)
 
     def start(self) -> None:
-        from sanitizer import control
+        from sanitizer import control, stacks
 
         self._control = control
+        for directory in _pytest_dirs():  # stacks stop at pytest's machinery
+            stacks.add_boundary(directory)
         if _stack:
             _stack[-1].detach()
         control.disable()  # the .pth's, or an outer session's: exactly one runs
@@ -808,9 +810,6 @@ class _Plugin:
         violation = record.violation
         event = violation.event()
         event["count"] = record.count
-        for key in ("access_stack", "creation_stack", "holder_stack"):
-            if key in event:
-                event[key] = _without_pytest(event[key])
         site = violation.access_site
         created = violation.creation_site
         return {
@@ -960,13 +959,3 @@ def _pytest_dirs() -> tuple[str, ...]:
 
     return tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep
                  for m in (_pytest, pluggy))
-
-
-def _without_pytest(stack: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The frames up to the first of pytest's or pluggy's (its machinery, not the test's)."""
-    dirs = _pytest_dirs()
-    for index, frame in enumerate(stack):
-        if index and str(frame.get("file", "")).startswith(dirs):
-            return stack[:index]
-    return stack
-

@@ -11,8 +11,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import structlog
-
 from sanitizer import stacks
 from sanitizer.exceptions import ConfigError, ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
@@ -198,6 +196,8 @@ class LineWriter:
 def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) -> str:
     """A ThreadSanitizer-like report for people."""
     if event_dict.get("event") != EVENT:
+        import structlog
+
         return structlog.dev.ConsoleRenderer(colors=False)(_logger, _method, event_dict)
     e = event_dict
 
@@ -246,6 +246,8 @@ def _json_default(value: object) -> str:
 
 def processors(fmt: str) -> list[Callable[..., Any]]:
     """The pipeline, top to bottom: level, timestamp, then one renderer."""
+    import structlog  # only once there is something to report: ~15 ms of start-up
+
     renderer: Callable[..., Any] = (
         render_console if fmt == "console"
         else structlog.processors.JSONRenderer(default=_json_default)
@@ -257,13 +259,20 @@ def processors(fmt: str) -> list[Callable[..., Any]]:
     ]
 
 
-def build_logger(options: Options) -> Any:
-    """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
+def open_output(options: Options) -> tuple[int, str]:
+    """The descriptor events go to, and their format (opened at start: a bad path fails early)."""
     if options.log_file:
         fd = os.open(options.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     else:
         fd = os.dup(2)  # stderr, even if the program later rebinds sys.stderr
     fmt = options.format or ("console" if not options.log_file and os.isatty(fd) else "json")
+    return fd, fmt
+
+
+def build_logger(fd: int, fmt: str) -> Any:
+    """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
+    import structlog
+
     return structlog.wrap_logger(
         LineWriter(fd),
         processors=processors(fmt),
@@ -285,12 +294,20 @@ class Reporter:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.rules = load_suppressions(options.suppressions) if options.suppressions else []
-        self.logger = build_logger(options)
+        self._output = open_output(options)
+        self._logger: Any = None
         self.unique: dict[tuple[object, ...], Violation] = {}
         self.listeners: list[Listener] = []
         self.total = 0
         self._lock = threading.Lock()
         self._internal_errors: set[tuple[str, str]] = set()
+
+    @property
+    def logger(self) -> Any:
+        """The structlog pipeline, built at the first event."""
+        if self._logger is None:
+            self._logger = build_logger(*self._output)
+        return self._logger
 
     def handle(self, violation: Violation) -> None:
         if self.suppressed(violation):

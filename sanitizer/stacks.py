@@ -22,6 +22,11 @@ _internal_cache: dict[CodeType, bool] = {}
 # frames stay in stacks but are skipped when choosing the *site* of an access,
 # so that reports and dedup point at the user's line, not at django/db/....
 _library_prefixes: list[str] = []
+# Directories of a program's runner (pytest, pluggy): capture stops at its first
+# frame. Nothing above it is about the object, and walking it costs microseconds
+# per tracked object in a test suite's deep stacks.
+_boundaries: list[str] = []
+_boundary_cache: dict[CodeType, bool] = {}
 
 
 def is_internal(code: CodeType) -> bool:
@@ -39,6 +44,22 @@ def is_internal(code: CodeType) -> bool:
         return internal
 
 
+def is_boundary(code: CodeType) -> bool:
+    try:
+        return _boundary_cache[code]
+    except KeyError:
+        found = _boundary_cache[code] = code.co_filename.startswith(tuple(_boundaries))
+        return found
+
+
+def add_boundary(directory: str) -> None:
+    """Stop stack capture at frames from files under ``directory`` (a runner's package)."""
+    directory = os.path.join(os.path.abspath(directory), "")
+    if directory not in _boundaries:
+        _boundaries.append(directory)
+        _boundary_cache.clear()
+
+
 def capture(limit: int, frame: FrameType | None = None) -> Stack:
     """The caller's stack, innermost first, without the sanitizer's own frames."""
     if frame is None:
@@ -47,6 +68,8 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
     while frame is not None and len(frames) < limit:
         code = frame.f_code
         if not is_internal(code):
+            if frames and _boundaries and is_boundary(code):
+                return tuple(frames)
             frames.append((code, frame.f_lineno))
         frame = frame.f_back
     if frame is not None and frames and all(is_library(code) for code, _ in frames):
@@ -54,6 +77,8 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
         # before the user's frame: keep walking to it, so that the site is theirs.
         while frame is not None:
             code = frame.f_code
+            if _boundaries and is_boundary(code):
+                break
             if not is_internal(code) and not is_library(code):
                 frames.append((code, frame.f_lineno))
                 break
@@ -81,6 +106,10 @@ def add_library(module_prefix: str) -> None:
     for prefix in prefixes:
         if prefix not in _library_prefixes:
             _library_prefixes.append(prefix)
+            _library_cache.clear()
+
+
+_library_cache: dict[CodeType, bool] = {}
 
 
 def is_library_file(filename: str) -> bool:
@@ -88,7 +117,11 @@ def is_library_file(filename: str) -> bool:
 
 
 def is_library(code: CodeType) -> bool:
-    return is_library_file(code.co_filename)
+    try:
+        return _library_cache[code]
+    except KeyError:
+        found = _library_cache[code] = is_library_file(code.co_filename)
+        return found
 
 
 def site(stack: Stack) -> Frame | None:
