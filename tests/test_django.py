@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
+from support import in_thread
 
 import sanitizer
 from sanitizer import control
@@ -65,23 +66,6 @@ def new_wrapper(name: str = ":memory:", alias: str = "default") -> Any:
     from django.db.backends.sqlite3.base import DatabaseWrapper
 
     return DatabaseWrapper({**connections.settings["default"], "NAME": name}, alias=alias)
-
-
-def in_thread(func: Callable[[], Any], name: str = "other") -> Any:
-    """Run ``func`` in a new thread; return its result or re-raise its exception."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = func()
-        except BaseException as exc:
-            outcome["error"] = exc
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def only(sanitized: Sanitized) -> Any:
