@@ -28,6 +28,7 @@ _lifecycle = threading.RLock()
 _affine_classes: weakref.WeakKeyDictionary[type, policies.Policy] = weakref.WeakKeyDictionary()
 
 _FINALIZER_CODES = {weakref.finalize.__call__.__code__}
+HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, patchable
 
 
 class Sanitizer:
@@ -134,7 +135,7 @@ class Sanitizer:
     def instrument_class(self, cls: type, policy: policies.Policy, *,
                          track_instances: bool = True) -> None:
         """Guard ``cls`` in place; with ``track_instances``, every new instance is tracked."""
-        if not hasattr(cls, "__dict__") or cls.__flags__ & (1 << 9) == 0:  # not a heap type
+        if not hasattr(cls, "__dict__") or not cls.__flags__ & HEAP_TYPE:
             raise ConfigError(f"cannot patch built-in type {cls.__qualname__}; track the "
                               "factory that returns its instances instead",
                               key="track", value=cls.__qualname__)
@@ -148,7 +149,7 @@ class Sanitizer:
             return obj
         cls = type(obj)
         patched_for = vars(cls).get("__sanitizer_policy__", policy)
-        if "__dict__" in dir(obj) and cls.__flags__ & (1 << 9) and patched_for is policy:
+        if "__dict__" in dir(obj) and cls.__flags__ & HEAP_TYPE and patched_for is policy:
             self.instrument_class(cls, policy, track_instances=False)
             obj.__dict__["_sanitizer_record"] = self.new_record(obj, policy, name)
             return obj
