@@ -42,7 +42,7 @@ from typing import Any, cast
 
 from sanitizer import control, ownership, stacks, threads
 from sanitizer.exceptions import ConfigError
-from sanitizer.instrument import Methods, guards, tracked_subclass
+from sanitizer.instrument import Methods, guards, trackable_factory, tracked_subclass
 from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
 from sanitizer.plugin import Context, Plugin
 from sanitizer.policies import (
@@ -257,6 +257,20 @@ def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> N
             _context.internal_error(exc, "reading the connection's host/port/database")
 
 
+def _libpq_init(base: type, policy: Policy, driver: str) -> Any:
+    """``__init__`` of a tracked psycopg2/psycopg connection: record first, then the
+    resource from libpq's ``conn.info`` once connected."""
+    base_init = base.__init__  # type: ignore[misc]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        record = self._sanitizer_record = _connection_record(self, policy)
+        base_init(self, *args, **kwargs)
+        _fill_resource(record, lambda: _resource(
+            driver, self.info.host, self.info.port, self.info.dbname))
+
+    return __init__
+
+
 # -- psycopg2 ---------------------------------------------------------------------------
 
 PSYCOPG2_TRANSACTION_METHODS: dict[str, str | None] = {
@@ -315,8 +329,7 @@ def _psycopg2_hook(psycopg2: ModuleType) -> type:
         positional = len(args) > 1
         factory = args[1] if positional else kwargs.get("cursor_factory")
         factory = factory or self.cursor_factory or stock_cursor_type
-        if (isinstance(factory, type) and issubclass(factory, stock_cursor_type)
-                and getattr(factory, "__sanitizer_policy__", None) is None):
+        if trackable_factory(factory, stock_cursor_type):
             factory = _psycopg2_cursor_class(psycopg2, factory)
         if positional:
             args = (args[0], factory, *args[2:])
@@ -340,15 +353,8 @@ def _psycopg2_connection_class(psycopg2: ModuleType, base: type) -> type:
         base.__name__, (base, hook), {"__slots__": (), "__module__": base.__module__,
                                       "__qualname__": base.__qualname__,
                                       "__sanitizer_public_type__": base})
-    base_init = base.__init__  # type: ignore[misc]
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        record = self._sanitizer_record = _connection_record(self, transaction)
-        base_init(self, *args, **kwargs)
-        _fill_resource(record, lambda: _resource(
-            "psycopg2", self.info.host, self.info.port, self.info.dbname))
-
-    extra = {"__init__": __init__, **guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
+    extra = {"__init__": _libpq_init(base, transaction, "psycopg2"),
+             **guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
     return tracked_subclass(hooked, PROCESS_POLICY, tuple(PSYCOPG2_OTHER_METHODS.items()),
                             tuple(extra.items()))
 
@@ -362,8 +368,7 @@ def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
         try:
             positional = len(args) > 1
             factory = (args[1] if positional else kwargs.get("connection_factory")) or stock
-            if (isinstance(factory, type) and issubclass(factory, stock)
-                    and getattr(factory, "__sanitizer_policy__", None) is None):
+            if trackable_factory(factory, stock):
                 tracked = _psycopg2_connection_class(psycopg2, factory)
                 if positional:
                     args = (args[0], tracked, *args[2:])
@@ -423,8 +428,7 @@ def _tracked_factory(name: str, cursor_base: type) -> property:
 
     def get(self: Any) -> Any:
         factory = self.__dict__.get(name)
-        if (isinstance(factory, type) and issubclass(factory, cursor_base)
-                and getattr(factory, "__sanitizer_policy__", None) is None):
+        if trackable_factory(factory, cursor_base):
             return _psycopg_cursor_class(cast(Any, factory))
         return factory
 
@@ -436,16 +440,8 @@ def _tracked_factory(name: str, cursor_base: type) -> property:
 
 @functools.cache
 def _psycopg_connection_class(psycopg: ModuleType, base: type) -> type:
-    base_init = base.__init__  # type: ignore[misc]
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        record = self._sanitizer_record = _connection_record(self, _PSYCOPG_TRANSACTION)
-        base_init(self, *args, **kwargs)
-        _fill_resource(record, lambda: _resource(
-            "psycopg", self.info.host, self.info.port, self.info.dbname))
-
     extra: dict[str, Any] = {
-        "__init__": __init__,
+        "__init__": _libpq_init(base, _PSYCOPG_TRANSACTION, "psycopg"),
         "cursor_factory": _tracked_factory("cursor_factory", psycopg.Cursor),
         "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.Cursor),
         **guards(base, _PSYCOPG_TRANSACTION, PSYCOPG_TRANSACTION_METHODS),
@@ -461,7 +457,7 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
                 ) -> Any:
         # Connection.connect is a classmethod: make the instance from a tracked subclass.
         cls = instance if isinstance(instance, type) else stock
-        if issubclass(cls, stock) and getattr(cls, "__sanitizer_policy__", None) is None:
+        if trackable_factory(cls, stock):
             try:
                 tracked: Any = _psycopg_connection_class(psycopg, cls)
             except Exception as exc:

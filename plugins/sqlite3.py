@@ -19,7 +19,7 @@ import inspect
 from types import ModuleType
 from typing import Any
 
-from sanitizer.instrument import tracked_subclass
+from sanitizer.instrument import trackable_factory, tracked_subclass
 from sanitizer.ownership import UNTRACKED
 from sanitizer.plugin import Context, Plugin
 from sanitizer.policies import EXCLUSIVE_POLICY, STRICT_POLICY, Policy, guarded_call
@@ -86,7 +86,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
         base_init(self, *args, **kwargs)
 
     def tracked_cursor(factory: Any) -> Any:
-        if isinstance(factory, type) and issubclass(factory, sqlite3.Cursor):
+        if trackable_factory(factory, sqlite3.Cursor):
             return cursor_class(sqlite3, factory, policy)
         return factory
 
@@ -146,8 +146,7 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
         try:
             factory = args[5] if len(args) > 5 else kwargs.get("factory", stock)
             same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
-            if (isinstance(factory, type) and issubclass(factory, stock)
-                    and getattr(factory, "__sanitizer_policy__", None) is None):
+            if trackable_factory(factory, stock):
                 policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
                 tracked = connection_class(sqlite3, factory, policy)
                 if len(args) > 5:

@@ -49,6 +49,13 @@ def guards(
     return namespace
 
 
+def trackable_factory(factory: object, stock: type) -> bool:
+    """Whether ``factory`` is a class we can subclass for tracking: ``stock`` or a
+    subclass of it (a user's factory), and not one of our tracked classes already."""
+    return (isinstance(factory, type) and issubclass(factory, stock)
+            and getattr(factory, "__sanitizer_policy__", None) is None)
+
+
 @functools.cache
 def tracked_subclass(
     base: type,
