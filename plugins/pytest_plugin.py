@@ -696,10 +696,10 @@ class _Plugin:
             self.seq += 1
             record = run.add(violation, thread.name, origin, self.seq)
         if "warn" in settings.action and record.count == 1:
+            from sanitizer import stacks
             from sanitizer.exceptions import ThreadAffinityWarning
 
-            site = violation.access_site
-            filename, line = (site[0].co_filename, site[1]) if site else ("<unknown>", 0)
+            filename, line = stacks.location(violation.access_site)
             warnings.warn_explicit(ThreadAffinityWarning(violation.message),
                                    ThreadAffinityWarning, filename, line)
         if "raise" in settings.action:

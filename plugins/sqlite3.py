@@ -139,24 +139,25 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
 def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
     stock = sqlite3.Connection
 
+    def tracked(factory: Any, same_thread: Any) -> Any:
+        if factory is stock or trackable_factory(factory, stock):
+            policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
+            return connection_class(sqlite3, factory, policy)
+        return factory
+
     def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                 ) -> Any:
-        # Positional layout of sqlite3.connect(): factory is 6th, check_same_thread 5th.
-        call_args, call_kwargs = list(args), dict(kwargs)
         try:
-            factory = args[5] if len(args) > 5 else kwargs.get("factory", stock)
-            same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
-            if trackable_factory(factory, stock):
-                policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
-                tracked = connection_class(sqlite3, factory, policy)
-                if len(args) > 5:
-                    call_args[5] = tracked
-                else:
-                    call_kwargs["factory"] = tracked
+            # Positional layout of sqlite3.connect(): check_same_thread 5th, factory 6th.
+            if len(args) > 5:
+                args = (*args[:5], tracked(args[5], args[4]), *args[6:])
+            else:
+                same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
+                factory = tracked(kwargs.get("factory", stock), same_thread)
+                kwargs = {**kwargs, "factory": factory}
         except Exception as exc:
             context.internal_error(exc, "sqlite3.connect")
-            call_args, call_kwargs = list(args), dict(kwargs)
-        return wrapped(*call_args, **call_kwargs)
+        return wrapped(*args, **kwargs)
 
     return connect
 

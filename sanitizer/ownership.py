@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +62,10 @@ class OwnerRecord:
         self.object_id = object_id
         self.name = name
         self.resource = resource
-        self.owner: threads.ThreadToken | object = threads.current()
+        owner = threads.local.token
+        self.owner: threads.ThreadToken | object = owner
         self.owner_context: list[str] = []
-        self.pid = os.getpid()
+        self.pid = owner.pid  # the token's: getpid() is a system call
         self.creation_stack = creation_stack
         self.busy: object = None
         self.sharing = 0
@@ -73,9 +75,9 @@ class OwnerRecord:
         return self.policy is not None
 
     def transfer_to_current_thread(self) -> None:
-        self.owner = threads.current()
+        owner = self.owner = threads.local.token
         self.owner_context = threads.describe_current()
-        self.pid = os.getpid()
+        self.pid = owner.pid
         if self.busy is FORKED:
             self.busy = None
 
@@ -95,7 +97,25 @@ def _untracked() -> OwnerRecord:
 # (made before enable(), or by a path the plugin does not see).
 UNTRACKED = _untracked()
 
-_live: weakref.WeakSet[OwnerRecord] = weakref.WeakSet()
+# Every record, for marking after fork(). Plain references without callbacks: a
+# WeakSet runs Python code when each record dies. Dead ones are dropped in bulk.
+_live: list[weakref.ref[OwnerRecord]] = []
+_live_limit = 1024
+_pruning = threading.Lock()
+
+
+def _remember(record: OwnerRecord) -> None:
+    global _live_limit
+    _live.append(weakref.ref(record))
+    if len(_live) >= _live_limit and _pruning.acquire(blocking=False):
+        try:
+            seen = len(_live)
+            alive = [ref for ref in _live[:seen] if ref() is not None]
+            # One slice assignment: references other threads append meanwhile stay.
+            _live[:seen] = alive
+            _live_limit = max(1024, 2 * len(alive))
+        finally:
+            _pruning.release()
 
 
 def new_record(
@@ -122,7 +142,7 @@ def new_record(
         resource=resource,
     )
     record.owner_context = threads.describe_current()
-    _live.add(record)
+    _remember(record)
     return record
 
 
@@ -147,8 +167,10 @@ def qualified_type(obj: object) -> str:
 
 
 def _invalidate_after_fork() -> None:
-    for record in list(_live):
-        record.busy = FORKED
+    for ref in _live:
+        record = ref()
+        if record is not None:
+            record.busy = FORKED
 
 
 os.register_at_fork(after_in_child=_invalidate_after_fork)

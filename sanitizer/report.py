@@ -55,7 +55,7 @@ class Violation:
     @property
     def key(self) -> tuple[object, ...]:
         def where(frame: stacks.Frame | None) -> tuple[str, int] | None:
-            return (frame[0].co_filename, frame[1]) if frame else None
+            return stacks.location(frame) if frame else None
 
         return (self.policy, where(self.creation_site), where(self.access_site))
 
@@ -112,7 +112,7 @@ class Rule:
             return fnmatch.fnmatchcase(violation.policy, self.pattern)
         frames = (*violation.access_stack, *violation.creation_stack)
         if self.kind == "site":
-            return any(self._site_matches(code.co_filename, line) for code, line in frames)
+            return any(self._site_matches(*stacks.location(frame)) for frame in frames)
         return any(fnmatch.fnmatchcase(name, self.pattern)
                    for code, _ in frames for name in _function_names(code))
 
@@ -330,8 +330,7 @@ class Reporter:
         if first and "log" in actions:
             self.logger.warning(EVENT, **violation.event())
         if first and "warn" in actions:
-            site = violation.access_site
-            filename, line = (site[0].co_filename, site[1]) if site else ("<unknown>", 0)
+            filename, line = stacks.location(violation.access_site)
             warnings.warn_explicit(ThreadAffinityWarning(violation.message),
                                    ThreadAffinityWarning, filename, line)
         if "raise" in actions:

@@ -9,6 +9,8 @@ from types import CodeType, FrameType
 
 import wrapt
 
+# (code, bytecode offset): the line number is looked up only when a report needs
+# it. Reading ``f_lineno`` walks the code's line table on every capture.
 Frame = tuple[CodeType, int]
 Stack = tuple[Frame, ...]
 
@@ -16,7 +18,9 @@ GUARD_FILENAME = "<sanitizer-guard>"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
-_internal_cache: dict[CodeType, bool] = {}
+# Classification depends on the file name only, and str caches its hash (a code
+# object recomputes its own on every lookup).
+_internal_cache: dict[str, bool] = {}
 
 # Module path prefixes of instrumented libraries (registered by plugins). Their
 # frames stay in stacks but are skipped when choosing the *site* of an access,
@@ -26,29 +30,29 @@ _library_prefixes: list[str] = []
 # frame. Nothing above it is about the object, and walking it costs microseconds
 # per tracked object in a test suite's deep stacks.
 _boundaries: list[str] = []
-_boundary_cache: dict[CodeType, bool] = {}
+_boundary_cache: dict[str, bool] = {}
 
 
 def is_internal(code: CodeType) -> bool:
     """True for the sanitizer's own frames (core, plugins, generated guards) and wrapt's."""
+    filename = code.co_filename
     try:
-        return _internal_cache[code]
+        return _internal_cache[filename]
     except KeyError:
-        filename = code.co_filename
-        internal = (
+        internal = _internal_cache[filename] = (
             filename == GUARD_FILENAME
             or filename.startswith(_PACKAGE_DIR)
             or filename.startswith(_WRAPT_DIR)
         )
-        _internal_cache[code] = internal
         return internal
 
 
 def is_boundary(code: CodeType) -> bool:
+    filename = code.co_filename
     try:
-        return _boundary_cache[code]
+        return _boundary_cache[filename]
     except KeyError:
-        found = _boundary_cache[code] = code.co_filename.startswith(tuple(_boundaries))
+        found = _boundary_cache[filename] = filename.startswith(tuple(_boundaries))
         return found
 
 
@@ -70,7 +74,7 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
         if not is_internal(code):
             if frames and _boundaries and is_boundary(code):
                 return tuple(frames)
-            frames.append((code, frame.f_lineno))
+            frames.append((code, frame.f_lasti))
         frame = frame.f_back
     if frame is not None and frames and all(is_library(code) for code, _ in frames):
         # A deep library stack (an ORM call reaching the driver) filled the limit
@@ -80,7 +84,7 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
             if _boundaries and is_boundary(code):
                 break
             if not is_internal(code) and not is_library(code):
-                frames.append((code, frame.f_lineno))
+                frames.append((code, frame.f_lasti))
                 break
             frame = frame.f_back
     return tuple(frames)
@@ -109,7 +113,7 @@ def add_library(module_prefix: str) -> None:
             _library_cache.clear()
 
 
-_library_cache: dict[CodeType, bool] = {}
+_library_cache: dict[str, bool] = {}
 
 
 def is_library_file(filename: str) -> bool:
@@ -117,11 +121,29 @@ def is_library_file(filename: str) -> bool:
 
 
 def is_library(code: CodeType) -> bool:
+    filename = code.co_filename
     try:
-        return _library_cache[code]
+        return _library_cache[filename]
     except KeyError:
-        found = _library_cache[code] = is_library_file(code.co_filename)
+        found = _library_cache[filename] = is_library_file(filename)
         return found
+
+
+def line_of(frame: Frame) -> int:
+    """The source line of a captured frame (what ``f_lineno`` said when it was taken)."""
+    code, offset = frame
+    if offset >= 0:
+        for start, end, line in code.co_lines():
+            if start <= offset < end:
+                return code.co_firstlineno if line is None else line
+    return code.co_firstlineno
+
+
+def location(frame: Frame | None) -> tuple[str, int]:
+    """``(filename, line)`` of a captured frame, for warnings and suppressions."""
+    if frame is None:
+        return ("<unknown>", 0)
+    return (frame[0].co_filename, line_of(frame))
 
 
 def site(stack: Stack) -> Frame | None:
@@ -133,8 +155,8 @@ def site(stack: Stack) -> Frame | None:
 
 
 def frame_dict(frame: Frame) -> dict[str, object]:
-    code, line = frame
-    return {"file": code.co_filename, "line": line, "function": code.co_qualname
+    code = frame[0]
+    return {"file": code.co_filename, "line": line_of(frame), "function": code.co_qualname
             if hasattr(code, "co_qualname") else code.co_name}
 
 

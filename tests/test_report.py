@@ -60,3 +60,28 @@ def test_the_applications_logging_is_untouched(caplog: pytest.LogCaptureFixture)
         violation_event()
     assert app_events == [] and caplog.records == []
     assert structlog.get_config() == config
+
+
+def test_captured_frames_give_the_lines_f_lineno_gives() -> None:
+    # Stacks keep bytecode offsets; the line is looked up only for reports.
+    import sys
+
+    from sanitizer import stacks
+
+    seen: list[tuple[stacks.Stack, list[int]]] = []
+
+    def inner() -> None:
+        frame = sys._getframe()
+        expected = [frame.f_lineno + 1, frame.f_back.f_lineno]  # type: ignore[union-attr]
+        seen.append((stacks.capture(2), expected))
+
+    for attempt in range(3):
+        try:
+            if attempt == 2:
+                inner()
+        finally:
+            pass
+    ((stack, expected),) = seen
+    assert [stacks.line_of(frame) for frame in stack] == expected
+    assert stacks.location(stack[0]) == (__file__, expected[0])
+    assert stacks.location(None) == ("<unknown>", 0)

@@ -403,9 +403,9 @@ class TestCaught:
         assert violation.holder_thread is not None and violation.holder_thread["name"] == "A"
         assert violation.thread["name"] == "B"
         assert violation.access_site is not None
-        assert violation.access_site[1] == line_of("session-race")
+        assert stacks.line_of(violation.access_site) == line_of("session-race")
         assert violation.creation_site is not None
-        assert violation.creation_site[1] == line_of("session-created")
+        assert stacks.line_of(violation.creation_site) == line_of("session-created")
         # Reported once: not again by the Connection and sqlite3 layers beneath.
         assert sites(sanitized) == [(SESSION, HERE, line_of("session-race"))]
 
@@ -496,7 +496,7 @@ class TestCaught:
         # The creation site is the user's line, past SQLAlchemy's deep pool stack.
         assert violation.creation_site is not None
         assert violation.creation_site[0].co_filename == HERE
-        assert violation.creation_site[1] == line_of("static-created")
+        assert stacks.line_of(violation.creation_site) == line_of("static-created")
 
     def test_singleton_pool_closing_a_connection_in_use(self, enable: Any,
                                                         tmp_path: Path) -> None:
