@@ -6,7 +6,12 @@ connections), then runs it with and without the flag in the same run, alternatin
 the order each round, and prints the medians and the wall-time ratio. Target:
 at most 5% overhead.
 
-    .venv/bin/python benchmarks/bench_pytest.py [--tests 2000] [--rounds 7]
+Two ratios are printed: of the medians, and the median of each round's own
+ratio (the two runs of a round are back to back, so slow drift of a shared
+machine cancels out). ``--breakdown`` adds the suite without the plugin loaded
+and the sanitizer alone (SANITIZE_THREADS, plugin off), to see who costs what.
+
+    .venv/bin/python benchmarks/bench_pytest.py [--tests 2000] [--rounds 11] [--breakdown]
 
 Needs the package installed with its pytest11 entry point (``make install``).
 """
@@ -114,16 +119,16 @@ def run(root: Path, extra: list[str]) -> tuple[float, float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the suite without the plugin, and the sanitizer alone")
     args = parser.parse_args()
 
-    variants = {
-        "plugin not loaded": ["-p", "no:sanitize_threads"],
-        "off": [],
-        "--sanitize-threads": ["--sanitize-threads"],
+    variants = {"off": [], "--sanitize-threads": ["--sanitize-threads"]}
+    if args.breakdown:
+        variants["plugin not loaded"] = ["-p", "no:sanitize_threads"]
         # The sanitizer without the pytest plugin: what the plugin itself adds is the rest.
-        "sanitizer alone": ["SANITIZE_THREADS=1", "-p", "no:sanitize_threads"],
-    }
+        variants["sanitizer alone"] = ["SANITIZE_THREADS=1", "-p", "no:sanitize_threads"]
     with tempfile.TemporaryDirectory(prefix="bench_pytest_") as tmp:
         root = Path(tmp)
         count = make_suite(root, args.tests)
@@ -153,9 +158,15 @@ def main() -> None:
         r = statistics.median(values["--sanitize-threads"]) / statistics.median(values["off"])
         return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
 
-    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}; target <= +5%")
-    print(f"CPU-time ratio: {ratio(cpus)}; session-time ratio (pytest's 'in Ns'): "
-          f"{ratio(sessions)}")
+    def paired(values: dict[str, list[float]]) -> str:
+        r = statistics.median(on / off for on, off in
+                              zip(values["--sanitize-threads"], values["off"], strict=True))
+        return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
+
+    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}, paired {paired(walls)}; "
+          "target <= +5%")
+    print(f"CPU-time ratio: {ratio(cpus)}, paired {paired(cpus)}; session-time ratio "
+          f"(pytest's 'in Ns'): {ratio(sessions)}, paired {paired(sessions)}")
 
 
 if __name__ == "__main__":

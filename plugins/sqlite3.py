@@ -51,12 +51,6 @@ BLOB_METHODS: dict[str, str | None] = {
 _context: Context | None = None
 
 
-def _new_record(conn: Any, policy: Policy) -> Any:
-    if _context is None:  # made by type(conn)(...) after the plugin was unloaded
-        return UNTRACKED
-    return _context.new_record(conn, policy)
-
-
 # A cursor reads its connection's record: derived objects share it, and no
 # per-cursor Python __init__ is needed (that alone would cost ~225 ns a cursor).
 CURSOR_RECORD = "self.connection._sanitizer_record"
@@ -82,7 +76,10 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     base_backup = base.backup
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        self._sanitizer_record = _new_record(self, policy)  # before any user __init__ code
+        context = _context  # None: made by type(conn)(...) after the plugin was unloaded
+        # Before any user __init__ code runs.
+        self._sanitizer_record = (UNTRACKED if context is None
+                                  else context.new_record(self, policy))
         base_init(self, *args, **kwargs)
 
     def tracked_cursor(factory: Any) -> Any:

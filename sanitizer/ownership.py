@@ -34,11 +34,11 @@ class OwnerRecord:
 
     __slots__ = (
         "__weakref__",
+        "_type",
         "busy",
         "creation_stack",
         "name",
         "object_id",
-        "object_type",
         "owner",
         "owner_context",
         "pid",
@@ -50,7 +50,7 @@ class OwnerRecord:
     def __init__(
         self,
         policy: Policy | None,
-        object_type: str,
+        object_type: str | type,
         object_id: int,
         *,
         creation_stack: stacks.Stack = (),
@@ -58,7 +58,7 @@ class OwnerRecord:
         resource: dict[str, Any] | None = None,
     ) -> None:
         self.policy = policy
-        self.object_type = object_type
+        self._type = object_type  # named only when a report asks
         self.object_id = object_id
         self.name = name
         self.resource = resource
@@ -73,6 +73,14 @@ class OwnerRecord:
     @property
     def tracked(self) -> bool:
         return self.policy is not None
+
+    @property
+    def object_type(self) -> str:
+        """``module.Qualname`` of the tracked object's type, as the user knows it."""
+        kind = self._type
+        if not isinstance(kind, str):
+            kind = self._type = qualified_name(kind)
+        return kind
 
     def transfer_to_current_thread(self) -> None:
         owner = self.owner = threads.local.token
@@ -135,7 +143,7 @@ def new_record(
     """
     record = OwnerRecord(
         policy,
-        object_type or qualified_type(obj),
+        object_type or type(obj),
         id(obj),
         creation_stack=stacks.capture(stack_depth) if creation_stack is None else creation_stack,
         name=name,
@@ -159,7 +167,11 @@ def record_of(obj: object) -> OwnerRecord | None:
 
 def qualified_type(obj: object) -> str:
     """``module.Qualname`` of what the user sees as the object's type."""
-    cls = getattr(type(obj), "__sanitizer_public_type__", None) or type(obj)
+    return qualified_name(type(obj))
+
+
+def qualified_name(cls: type) -> str:
+    cls = getattr(cls, "__sanitizer_public_type__", None) or cls
     module = cls.__module__
     if module in ("builtins", "__main__"):
         return str(cls.__qualname__)

@@ -57,10 +57,7 @@ class Context:
         self.plugin = plugin
         self.patcher = patcher
         self.options: Mapping[str, str] = sanitizer.options.for_plugin(plugin.name)
-
-    @property
-    def stack_depth(self) -> int:
-        return self._sanitizer.options.stack_depth
+        self.stack_depth: int = sanitizer.options.stack_depth
 
     def replace(self, owner: Any, name: str, value: Any) -> Any:
         return self.patcher.replace(owner, name, value)
