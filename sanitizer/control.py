@@ -76,8 +76,6 @@ class Sanitizer:
         for prefix in plugin.libraries:
             stacks.add_library(prefix)
         self.finalizer_names.update(plugin.finalizers)
-        if plugin.describe_thread is not None:
-            threads.add_describer(plugin.describe_thread)
         if plugin.setup is not None:
             plugin.setup(context)  # a ConfigError here (bad plugin option) stops enable()
         for module_name, installer in plugin.hooks.items():
@@ -87,6 +85,9 @@ class Sanitizer:
         self, plugin: Plugin, installer: Callable[[ModuleType, Context], None], context: Context
     ) -> Callable[[ModuleType], None]:
         def install(module: ModuleType) -> None:
+            # A describer runs for every record made: only once its library is in use.
+            if plugin.describe_thread is not None:
+                threads.add_describer(plugin.describe_thread)
             try:
                 installer(module, context)
             except Exception as exc:  # a plugin bug must not break the import

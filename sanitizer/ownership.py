@@ -129,7 +129,6 @@ def _remember(record: OwnerRecord) -> None:
 def new_record(
     policy: Policy,
     obj: object,
-    *,
     object_type: str | None = None,
     stack_depth: int = 16,
     name: str | None = None,

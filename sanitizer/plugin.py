@@ -33,7 +33,8 @@ class Plugin:
     libraries: tuple[str, ...] = ()
     #: Names of functions that finalize objects: uses inside them are not reported.
     finalizers: tuple[str, ...] = ()
-    #: Adds a phrase about the current thread to reports (e.g. its asgiref role).
+    #: Adds a phrase about the current thread to reports (e.g. its asgiref role);
+    #: called from the first hook on, when the library has been imported.
     describe_thread: ThreadDescriber | None = None
     #: The plugin's own option keys (``PLUGIN.KEY=value``), with their help.
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -75,8 +76,7 @@ class Context:
         resource: dict[str, Any] | None = None,
     ) -> ownership.OwnerRecord:
         """A record owned by the calling thread; its creation site is the user's caller."""
-        return ownership.new_record(policy, obj, object_type=object_type, name=name,
-                                    resource=resource, stack_depth=self.stack_depth)
+        return ownership.new_record(policy, obj, object_type, self.stack_depth, name, resource)
 
     def when_imported(self, module_name: str, installer: Installer) -> None:
         """Also run ``installer(module, self)`` when that module is imported (until disable)."""

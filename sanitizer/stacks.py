@@ -69,9 +69,13 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
     if frame is None:
         frame = sys._getframe(1)
     frames: list[Frame] = []
+    internal_cache = _internal_cache
     while frame is not None and len(frames) < limit:
         code = frame.f_code
-        if not is_internal(code):
+        internal = internal_cache.get(code.co_filename)  # inlined is_internal: runs per frame
+        if internal is None:
+            internal = is_internal(code)
+        if not internal:
             if frames and _boundaries and is_boundary(code):
                 return tuple(frames)
             frames.append((code, frame.f_lasti))
