@@ -312,18 +312,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if plugin is not None and not config.pluginmanager.is_registered(plugin):
         plugin.configure()
         config.pluginmanager.register(plugin, "sanitize_threads_session")
-        if plugin.controller:
-            config.pluginmanager.register(_WorkerReports(plugin), "sanitize_threads_workers")
-
-
-class _WorkerReports:
-    """On the xdist controller only: collects the records workers send in their reports."""
-
-    def __init__(self, plugin: _Plugin) -> None:
-        self.plugin = plugin
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.plugin.take_worker_records(report)
 
 
 # -- what a test sees --------------------------------------------------------------
@@ -515,19 +503,21 @@ def _settings_for(item: pytest.Item, base: _Settings, options: Options) -> _Sett
 class _TestRun:
     """Violations attributed to one test (or, with nodeid None, to the session)."""
 
-    __slots__ = ("_violations", "all", "item", "nodeid", "pending", "plugin", "records",
-                 "settings", "when")
+    __slots__ = ("_violations", "all", "item", "location", "nodeid", "pending", "plugin",
+                 "raised", "records", "settings", "when")
 
     def __init__(self, plugin: _Plugin, nodeid: str | None, settings: _Settings,
                  item: pytest.Item | None = None) -> None:
         self.plugin = plugin
         self.nodeid = nodeid
         self.item = item
+        self.location = item.location if item is not None else None
         self.settings = settings
         self.when = "setup" if nodeid is not None else "collection"
         self.records: dict[tuple[object, ...], ThreadViolation] = {}  # by key, not yet expected
         self.all: list[ThreadViolation] = []
         self.pending: list[ThreadViolation] = []  # not yet in a report
+        self.raised: list[BaseException] = []  # ThreadAffinityErrors raised (action=raise)
         self._violations: ThreadViolations | None = None
 
     @property
@@ -727,10 +717,14 @@ class _Plugin:
 
             error = ThreadAffinityError(violation)
             setattr(error, _OURS, True)
+            with self.lock:
+                run.raised.append(error)
             raise error
 
-    # A test without violations costs one plain hook and one wrapper per phase,
-    # each a few attribute reads: this runs 2,000 times in a 2,000-test suite.
+    # A test without violations costs two plain hooks (setup, and logreport per
+    # phase), each a few attribute reads: this runs for every test of a suite.
+    # (A makereport wrapper would hand over the call, but pluggy's generator
+    # protocol costs twice as much as a plain hook.)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
@@ -760,17 +754,18 @@ class _Plugin:
             marked = self._marked_parents[node] = node.get_closest_marker(MARKER) is not None
         return marked
 
-    # Outermost (tryfirst) wrapper: it sees the report after pytest's skipping
-    # plugin has settled xfail, and amends it before pytest_runtest_logreport
-    # hands it to the terminal, JUnit XML and xdist.
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
-                                  ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Amend the report before pytest's terminal, JUnit XML or xdist see it."""
         run = self.current
-        if run is None or run.item is not item:
-            return report
-        when = call.when
+        # The report's location is the item's own (cached) tuple: identity is the
+        # cheap test; parametrized tests share a location, so equality needs the id.
+        if run is None or (report.location is not run.location and (
+                report.location != run.location or report.nodeid != run.nodeid)):
+            if self.controller:  # the xdist controller runs no tests: workers' reports
+                self.take_worker_records(report)
+            return
+        when = report.when
         new: list[ThreadViolation] = []
         if when == "teardown":
             with self.lock:  # later violations are the next test's, or the session's
@@ -783,16 +778,17 @@ class _Plugin:
                 with self.lock:
                     new = run.take_pending()
         if new:
-            self._fail(report, call, new)
+            self._fail(report, run, new)
         if when == "teardown" and run.all:
+            item = run.item
             for record in run.all:
                 data = self._as_dict(record, run.nodeid)
                 value = json.dumps(data, default=repr)
                 report.user_properties.append((PROPERTY, value))
-                item.user_properties.append((PROPERTY, value))
+                if item is not None:
+                    item.user_properties.append((PROPERTY, value))
                 if not self.worker:
                     self._take(data)
-        return report
 
     def take_worker_records(self, report: pytest.TestReport) -> None:
         """On the xdist controller: a worker's records travel in its teardown reports."""
@@ -802,10 +798,9 @@ class _Plugin:
                     with contextlib.suppress(ValueError):
                         self._take(json.loads(value))
 
-    def _fail(self, report: pytest.TestReport, call: pytest.CallInfo[None] | None,
+    def _fail(self, report: pytest.TestReport, run: _TestRun,
               records: list[ThreadViolation]) -> None:
-        excinfo = call.excinfo if call is not None and call.when == report.when else None
-        raised = _raised_keys(excinfo.value if excinfo is not None else None)
+        raised = _failure_keys(report, run.raised) if run.raised else set()
         records = [r for r in records if r.violation.key not in raised]
         if not records:
             return  # the ThreadAffinityError that failed the test says it already
@@ -959,6 +954,25 @@ class _Plugin:
         if outside:
             summary += f", {outside} outside any test"
         write(summary, red=True)
+
+
+def _failure_keys(report: pytest.TestReport, raised: list[BaseException]
+                  ) -> set[tuple[object, ...]]:
+    """Keys of the ThreadAffinityErrors this plugin raised that made this phase fail."""
+    if not report.failed:
+        return set()
+    if report.when == "call":
+        # pytest keeps the exception that failed the call for post-mortem debugging.
+        return _raised_keys(getattr(sys, "last_value", None))
+    # Setup and teardown keep no exception: match the crash lines of the report's
+    # (chained) traceback against the messages of the errors raised in this test.
+    longrepr = report.longrepr
+    chain = getattr(longrepr, "chain", None)
+    crashes = ([crash for _tb, crash, _descr in chain] if chain is not None
+               else [getattr(longrepr, "reprcrash", None)])
+    messages = [str(getattr(crash, "message", "")) for crash in crashes]
+    return {error.violation.key for error in raised  # type: ignore[attr-defined]
+            if any(str(error).partition("\n")[0] in message for message in messages)}
 
 
 def _raised_keys(error: BaseException | None) -> set[tuple[object, ...]]:

@@ -567,6 +567,39 @@ class TestActions:
             "FAILED test_raises.py::test_raises - sanitizer.exceptions.ThreadAffinityError*"])
         assert section_count(result) == 0  # not reported twice
 
+    def test_raise_in_a_fixture_is_reported_once(self, suite: pytest.Pytester) -> None:
+        # Setup and teardown keep no exception for the plugin to look at (pytest keeps
+        # the call's only): the error that failed them is recognised in the report.
+        suite.makepyfile(test_fixture_raises='''
+            import pytest
+            from helpers import connect, in_thread
+
+            @pytest.fixture
+            def broken_setup():
+                conn = connect()
+                [error] = in_thread(lambda: conn.execute("select 1"))
+                conn.execute("select 1")  # fine: the owner
+                raise error
+
+            @pytest.fixture
+            def broken_teardown():
+                made = []
+                in_thread(lambda: made.append(connect()))
+                yield
+                made[0].execute("select 1")
+
+            def test_setup(broken_setup):
+                pass
+
+            def test_teardown(broken_teardown):
+                pass
+        ''')
+        result = suite.runpytest("--sanitize-threads=raise")
+        result.assert_outcomes(passed=1, errors=2)
+        result.stdout.fnmatch_lines(["ERROR *test_setup - sanitizer.exceptions.Thread*",
+                                     "ERROR *test_teardown - sanitizer.exceptions.Thread*"])
+        assert section_count(result) == 0  # not reported twice
+
     def test_raise_in_a_background_thread_is_not_also_a_thread_warning(
             self, suite: pytest.Pytester) -> None:
         suite.makepyfile('''
