@@ -14,7 +14,7 @@ import functools
 import inspect
 import os
 from collections.abc import Callable
-from types import FunctionType
+from types import CodeType, FunctionType
 from typing import Any, ClassVar
 
 from sanitizer import stacks, threads
@@ -258,20 +258,31 @@ def compile_guard(
     wrapped: Callable[..., Any] | None = None,
     record: str = RECORD,
 ) -> FunctionType:
-    reported = REPORTED.format(call=call).replace("\n", "\n    ").rstrip()
-    body = policy.template.format(call=call, operation=operation, record=record,
-                                  reported=reported)
-    source = f"def {name}(self, {params}):\n" + "".join(
-        "    " + line + "\n" for line in body.splitlines()
-    )
-    scope = {"_g_local": threads.local, "_g_slow": slow_path, "_g_policy": policy, **namespace}
-    exec(compile(source, stacks.GUARD_FILENAME, "exec"), scope)
-    guard: FunctionType = scope[name]
+    scope = {"_g_local": threads.local, "_g_slow": slow_path, "_g_policy": policy,
+             "_g_operation": operation, **namespace}
+    exec(_guard_module(policy.template, call, params, record), scope)
+    guard: FunctionType = scope["_g_guard"]
+    # Tracebacks show the code's name: the method's, not the shared source's.
+    code = guard.__code__
+    guard.__code__ = (code.replace(co_name=name, co_qualname=name)
+                      if hasattr(code, "co_qualname") else code.replace(co_name=name))
     if wrapped is not None:
         functools.update_wrapper(guard, wrapped)
-        guard.__name__ = guard.__qualname__ = name
+    guard.__name__ = guard.__qualname__ = name
     guard.__sanitizer_policy__ = policy  # type: ignore[attr-defined]
     return guard
+
+
+@functools.cache
+def _guard_module(template: str, call: str, params: str, record: str) -> CodeType:
+    """Compiled once per shape: a class's methods mostly share a few parameter lists."""
+    reported = REPORTED.format(call=call).replace("\n", "\n    ").rstrip()
+    body = template.format(call=call, operation=_Name("_g_operation"), record=record,
+                           reported=reported)
+    source = f"def _g_guard(self, {params}):\n" + "".join(
+        "    " + line + "\n" for line in body.splitlines()
+    )
+    return compile(source, stacks.GUARD_FILENAME, "exec")
 
 
 class _Name:
