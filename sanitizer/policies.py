@@ -13,6 +13,7 @@ import ast
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from types import CodeType, FunctionType
 from typing import Any, ClassVar
@@ -263,9 +264,10 @@ def compile_guard(
     exec(_guard_module(policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
     # Tracebacks show the code's name: the method's, not the shared source's.
-    code = guard.__code__
-    guard.__code__ = (code.replace(co_name=name, co_qualname=name)
-                      if hasattr(code, "co_qualname") else code.replace(co_name=name))
+    if sys.version_info >= (3, 11):
+        guard.__code__ = guard.__code__.replace(co_name=name, co_qualname=name)
+    else:
+        guard.__code__ = guard.__code__.replace(co_name=name)
     if wrapped is not None:
         functools.update_wrapper(guard, wrapped)
     guard.__name__ = guard.__qualname__ = name
