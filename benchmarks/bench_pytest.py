@@ -6,12 +6,19 @@ connections), then runs it with and without the flag in the same run, alternatin
 the order each round, and prints the medians and the wall-time ratio. Target:
 at most 5% overhead.
 
-Two ratios are printed: of the medians, and the median of each round's own
-ratio (the two runs of a round are back to back, so slow drift of a shared
-machine cancels out). ``--breakdown`` adds the suite without the plugin loaded
+Three ratios are printed: of the medians; the median of each round's own ratio
+(the two runs of a round are back to back, so slow drift of a shared machine
+cancels out); and of the fastest runs (for CPU-bound work, the run least
+disturbed by anything else on the machine). ``--breakdown`` adds the suite without the plugin loaded
 and the sanitizer alone (SANITIZE_THREADS, plugin off), to see who costs what.
 
+``--instructions`` also runs each variant once under valgrind's callgrind and
+prints the ratio of instructions executed: a count, not a time, so it is the
+same however busy the machine is (timings on a shared 2-core machine drift by
+a few percent between runs, which is the size of the effect measured here).
+
     .venv/bin/python benchmarks/bench_pytest.py [--tests 2000] [--rounds 11] [--breakdown]
+                                                [--instructions]
 
 Needs the package installed with its pytest11 entry point (``make install``).
 """
@@ -22,6 +29,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,7 +99,7 @@ def make_suite(root: Path, tests: int) -> int:
     return files * per_file
 
 
-def run(root: Path, extra: list[str]) -> tuple[float, float, float, str]:
+def command_and_env(extra: list[str]) -> tuple[list[str], dict[str, str]]:
     # As users run pytest: with .pyc files (some CI images set PYTHONDONTWRITEBYTECODE,
     # which makes every run compile the sanitizer, structlog and pytest from source).
     env = {k: v for k, v in os.environ.items()
@@ -100,7 +108,30 @@ def run(root: Path, extra: list[str]) -> tuple[float, float, float, str]:
     if extra and extra[0].startswith("SANITIZE_THREADS="):
         env["SANITIZE_THREADS"] = extra[0].partition("=")[2]
         extra = extra[1:]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra], env
+
+
+def instructions(root: Path, variants: dict[str, list[str]]) -> dict[str, int]:
+    """Instructions each variant executes, counted by callgrind (all variants at once)."""
+    running = {}
+    for name, extra in variants.items():
+        command, env = command_and_env(extra)
+        env["PYTHONHASHSEED"] = "0"  # dict layouts, and so instruction counts, repeat
+        running[name] = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
+            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    counts = {}
+    for name, proc in running.items():
+        _, stderr = proc.communicate()
+        match = re.search(r"I\s+refs:\s+([\d,]+)", stderr)
+        if proc.returncode != 0 or not match:
+            sys.exit(f"callgrind run of {name!r} failed:\n{stderr[-2000:]}")
+        counts[name] = int(match.group(1).replace(",", ""))
+    return counts
+
+
+def run(root: Path, extra: list[str]) -> tuple[float, float, float, str]:
+    command, env = command_and_env(extra)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
@@ -120,9 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions with valgrind (callgrind)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the suite without the plugin, and the sanitizer alone")
     args = parser.parse_args()
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind (apt install valgrind)")
 
     variants = {"off": [], "--sanitize-threads": ["--sanitize-threads"]}
     if args.breakdown:
@@ -139,6 +174,7 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in variants}
         cpus: dict[str, list[float]] = {name: [] for name in variants}
         sessions: dict[str, list[float]] = {name: [] for name in variants}
+        counts = instructions(root, variants) if args.instructions else {}
         for round_number in range(args.rounds):
             order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
             for name in order:
@@ -163,10 +199,19 @@ def main() -> None:
                               zip(values["--sanitize-threads"], values["off"], strict=True))
         return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
 
-    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}, paired {paired(walls)}; "
-          "target <= +5%")
+    def fastest(values: dict[str, list[float]]) -> str:
+        r = min(values["--sanitize-threads"]) / min(values["off"])
+        return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
+
+    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}, paired {paired(walls)}, "
+          f"fastest runs {fastest(walls)}; target <= +5%")
     print(f"CPU-time ratio: {ratio(cpus)}, paired {paired(cpus)}; session-time ratio "
           f"(pytest's 'in Ns'): {ratio(sessions)}, paired {paired(sessions)}")
+    if counts:
+        r = counts["--sanitize-threads"] / counts["off"]
+        print("instructions (callgrind): " + ", ".join(
+            f"{name} {count / 1e9:.3f}G" for name, count in counts.items())
+            + f"; ratio {r:.3f} ({(r - 1) * 100:+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import stacks, threads
@@ -134,17 +135,21 @@ def new_record(
     name: str | None = None,
     resource: dict[str, Any] | None = None,
     creation_stack: stacks.Stack | None = None,
+    frame: FrameType | None = None,
 ) -> OwnerRecord:
     """A record owned by the calling thread, with the caller's stack as its creation site.
 
     ``creation_stack`` skips the capture: for objects made per query (cursors)
-    that can reuse their parent's.
+    that can reuse their parent's. ``frame`` is where the capture starts (the
+    default, this call, is skipped like any of the sanitizer's own frames).
     """
+    if creation_stack is None:
+        creation_stack = stacks.capture(stack_depth, frame)
     record = OwnerRecord(
         policy,
         object_type or type(obj),
         id(obj),
-        creation_stack=stacks.capture(stack_depth) if creation_stack is None else creation_stack,
+        creation_stack=creation_stack,
         name=name,
         resource=resource,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,9 @@ class Context:
         resource: dict[str, Any] | None = None,
     ) -> ownership.OwnerRecord:
         """A record owned by the calling thread; its creation site is the user's caller."""
-        return ownership.new_record(policy, obj, object_type, self.stack_depth, name, resource)
+        # The capture starts at the plugin's frame: the two above it are ours.
+        return ownership.new_record(policy, obj, object_type, self.stack_depth, name, resource,
+                                    None, sys._getframe(1))
 
     def when_imported(self, module_name: str, installer: Installer) -> None:
         """Also run ``installer(module, self)`` when that module is imported (until disable)."""

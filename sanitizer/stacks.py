@@ -18,9 +18,10 @@ GUARD_FILENAME = "<sanitizer-guard>"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
-# Classification depends on the file name only, and str caches its hash (a code
-# object recomputes its own on every lookup).
-_internal_cache: dict[str, bool] = {}
+# What capture() does with a frame, by file name: str caches its hash (a code
+# object recomputes its own on every lookup), and one lookup per frame decides.
+USER, INTERNAL, BOUNDARY = 0, 1, 2
+_kinds: dict[str, int] = {}
 
 # Module path prefixes of instrumented libraries (registered by plugins). Their
 # frames stay in stacks but are skipped when choosing the *site* of an access,
@@ -30,30 +31,28 @@ _library_prefixes: list[str] = []
 # frame. Nothing above it is about the object, and walking it costs microseconds
 # per tracked object in a test suite's deep stacks.
 _boundaries: list[str] = []
-_boundary_cache: dict[str, bool] = {}
+
+
+def kind_of(filename: str) -> int:
+    """INTERNAL for the sanitizer's own files (core, plugins, generated guards) and
+    wrapt's, BOUNDARY for a registered runner's, USER for the rest (cached)."""
+    try:
+        return _kinds[filename]
+    except KeyError:
+        if (filename == GUARD_FILENAME or filename.startswith(_PACKAGE_DIR)
+                or filename.startswith(_WRAPT_DIR)):
+            kind = INTERNAL
+        elif filename.startswith(tuple(_boundaries)):
+            kind = BOUNDARY
+        else:
+            kind = USER
+        _kinds[filename] = kind
+        return kind
 
 
 def is_internal(code: CodeType) -> bool:
     """True for the sanitizer's own frames (core, plugins, generated guards) and wrapt's."""
-    filename = code.co_filename
-    try:
-        return _internal_cache[filename]
-    except KeyError:
-        internal = _internal_cache[filename] = (
-            filename == GUARD_FILENAME
-            or filename.startswith(_PACKAGE_DIR)
-            or filename.startswith(_WRAPT_DIR)
-        )
-        return internal
-
-
-def is_boundary(code: CodeType) -> bool:
-    filename = code.co_filename
-    try:
-        return _boundary_cache[filename]
-    except KeyError:
-        found = _boundary_cache[filename] = filename.startswith(tuple(_boundaries))
-        return found
+    return kind_of(code.co_filename) == INTERNAL
 
 
 def add_boundary(directory: str) -> None:
@@ -61,33 +60,40 @@ def add_boundary(directory: str) -> None:
     directory = os.path.join(os.path.abspath(directory), "")
     if directory not in _boundaries:
         _boundaries.append(directory)
-        _boundary_cache.clear()
+        _kinds.clear()
 
 
 def capture(limit: int, frame: FrameType | None = None) -> Stack:
-    """The caller's stack, innermost first, without the sanitizer's own frames."""
+    """The caller's stack, innermost first, without the sanitizer's own frames.
+
+    Stops at the first frame of a registered runner once it has the user's frames.
+    """
     if frame is None:
         frame = sys._getframe(1)
     frames: list[Frame] = []
-    internal_cache = _internal_cache
-    while frame is not None and len(frames) < limit:
+    kinds = _kinds
+    while frame is not None:  # runs for every tracked object made: kept lean
         code = frame.f_code
-        internal = internal_cache.get(code.co_filename)  # inlined is_internal: runs per frame
-        if internal is None:
-            internal = is_internal(code)
-        if not internal:
-            if frames and _boundaries and is_boundary(code):
+        kind = kinds.get(code.co_filename)
+        if kind is None:
+            kind = kind_of(code.co_filename)
+        if kind != INTERNAL:
+            if kind == BOUNDARY and frames:
                 return tuple(frames)
             frames.append((code, frame.f_lasti))
+            if len(frames) == limit:
+                frame = frame.f_back
+                break
         frame = frame.f_back
     if frame is not None and frames and all(is_library(code) for code, _ in frames):
         # A deep library stack (an ORM call reaching the driver) filled the limit
         # before the user's frame: keep walking to it, so that the site is theirs.
         while frame is not None:
             code = frame.f_code
-            if _boundaries and is_boundary(code):
+            kind = kind_of(code.co_filename)
+            if kind == BOUNDARY:
                 break
-            if not is_internal(code) and not is_library(code):
+            if kind == USER and not is_library(code):
                 frames.append((code, frame.f_lasti))
                 break
             frame = frame.f_back
