@@ -135,6 +135,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
 
 def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
     stock = sqlite3.Connection
+    stock_classes: dict[bool, type] = {}  # the common case, by check_same_thread
 
     def tracked(factory: Any, same_thread: Any) -> Any:
         if factory is stock or trackable_factory(factory, stock):
@@ -146,12 +147,22 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
                 ) -> Any:
         try:
             # Positional layout of sqlite3.connect(): check_same_thread 5th, factory 6th.
-            if len(args) > 5:
-                args = (*args[:5], tracked(args[5], args[4]), *args[6:])
+            if len(args) > 4:
+                same_thread = args[4]
+                if len(args) > 5:
+                    args = (*args[:5], tracked(args[5], same_thread), *args[6:])
+                else:
+                    kwargs = {**kwargs, "factory": tracked(kwargs.get("factory", stock),
+                                                           same_thread)}
+            elif "factory" in kwargs:
+                kwargs = {**kwargs, "factory": tracked(kwargs["factory"],
+                                                       kwargs.get("check_same_thread", True))}
             else:
-                same_thread = args[4] if len(args) > 4 else kwargs.get("check_same_thread", True)
-                factory = tracked(kwargs.get("factory", stock), same_thread)
-                kwargs = {**kwargs, "factory": factory}
+                same_thread = bool(kwargs.get("check_same_thread", True))
+                cls = stock_classes.get(same_thread)
+                if cls is None:
+                    cls = stock_classes[same_thread] = tracked(stock, same_thread)
+                kwargs = {**kwargs, "factory": cls}
         except Exception as exc:
             context.internal_error(exc, "sqlite3.connect")
         return wrapped(*args, **kwargs)

@@ -53,10 +53,10 @@ class OwnerRecord:
         policy: Policy | None,
         object_type: str | type,
         object_id: int,
-        *,
         creation_stack: stacks.Stack = (),
         name: str | None = None,
         resource: dict[str, Any] | None = None,
+        owner_context: list[str] | None = None,
     ) -> None:
         self.policy = policy
         self._type = object_type  # named only when a report asks
@@ -65,7 +65,7 @@ class OwnerRecord:
         self.resource = resource
         owner = threads.local.token
         self.owner: threads.ThreadToken | object = owner
-        self.owner_context: list[str] = []
+        self.owner_context: list[str] = [] if owner_context is None else owner_context
         self.pid = owner.pid  # the token's: getpid() is a system call
         self.creation_stack = creation_stack
         self.busy: object = None
@@ -145,15 +145,8 @@ def new_record(
     """
     if creation_stack is None:
         creation_stack = stacks.capture(stack_depth, frame)
-    record = OwnerRecord(
-        policy,
-        object_type or type(obj),
-        id(obj),
-        creation_stack=creation_stack,
-        name=name,
-        resource=resource,
-    )
-    record.owner_context = threads.describe_current()
+    record = OwnerRecord(policy, object_type or type(obj), id(obj), creation_stack, name,
+                         resource, threads.describe_current())
     _remember(record)
     return record
 

@@ -91,6 +91,20 @@ class TestTransparency:
             in_thread(lambda: conn.execute("select 1"))
         assert sanitized.policies() == ["strict"]
 
+    def test_positional_arguments_choose_the_policy_and_factory(
+            self, sanitized: Sanitized) -> None:
+        class MyConnection(sqlite3.Connection):
+            pass
+
+        # connect(database, timeout, detect_types, isolation_level, check_same_thread, factory)
+        shared = sqlite3.connect(":memory:", 5.0, 0, "", False)
+        mine = sqlite3.connect(":memory:", 5.0, 0, "", True, MyConnection)
+        assert isinstance(mine, MyConnection)
+        in_thread(lambda: shared.execute("select 1"))  # a handoff: exclusive allows it
+        with pytest.raises(sqlite3.ProgrammingError):
+            in_thread(lambda: mine.execute("select 1"))
+        assert sanitized.policies() == ["strict"]
+
     def test_blob(self, sanitized: Sanitized) -> None:
         if not hasattr(sqlite3.Connection, "blobopen"):
             pytest.skip("blobopen needs Python 3.11")
