@@ -8,7 +8,7 @@ SOURCES := pyproject.toml sanitizer.pth $(shell find sanitizer plugins -name '*.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 CORE_TESTS := tests/test_api.py tests/test_end_to_end.py tests/test_sqlite3_plugin.py
 
-.PHONY: install demo test test-pythons lint bench realworld clean
+.PHONY: install demo test test-pythons lint bench bench-pytest realworld clean
 
 # The package is installed as a real wheel (not editable): that is what users
 # get, it maps plugins/ to sanitizer.plugins, and it installs sanitizer.pth.
@@ -55,6 +55,11 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_sqlite.py --fast
+
+# pytest --sanitize-threads against plain pytest on 2,000 generated sqlite tests
+# (a few minutes; --instructions needs valgrind).
+bench-pytest: install
+	$(PY) benchmarks/bench_pytest.py --instructions
 
 # Django's and SQLAlchemy's own thread tests from their sdists, plain and sanitized:
 # outcomes must not change and every report must be an expected, explained one.

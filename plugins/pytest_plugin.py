@@ -773,7 +773,7 @@ class _Plugin:
                 self.current = None
                 self.session_run.when = "between tests"
         else:
-            run.when = "call" if when == "setup" and report.passed else "teardown"
+            run.when = "call" if when == "setup" and report.outcome == "passed" else "teardown"
             if run.pending:
                 with self.lock:
                     new = run.take_pending()
