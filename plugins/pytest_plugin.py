@@ -258,6 +258,14 @@ def _activate(config: pytest.Config, cli_value: str | None) -> None:
     layers = _layers(config, cli_value)
     if not layers:
         return  # the common case: imports nothing, patches nothing
+    capture = config.pluginmanager.getplugin("capturemanager")
+    quiet = (capture.global_and_fixture_disabled() if capture is not None
+             else contextlib.nullcontext())
+    with quiet:  # the sanitizer dups stderr: the real one, not the capture file
+        _start(config, layers)
+
+
+def _start(config: pytest.Config, layers: list[tuple[str, str]]) -> None:
     from sanitizer import options as opts
     from sanitizer.exceptions import ConfigError
 
@@ -290,11 +298,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) 
     value = _fix_args(args)
     if value is None:
         value = getattr(early_config.known_args_namespace, "sanitize_threads", None)
-    capture = early_config.pluginmanager.getplugin("capturemanager")
-    quiet = (capture.global_and_fixture_disabled() if capture is not None
-             else contextlib.nullcontext())
-    with quiet:  # the sanitizer dups stderr: the real one, not the capture file
-        _activate(early_config, value)
+    _activate(early_config, value)
 
 
 def pytest_configure(config: pytest.Config) -> None:
