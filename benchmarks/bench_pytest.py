@@ -4,7 +4,9 @@ Generates a suite (default 2,000 tests: connections made by fixtures and by the
 tests, queries, cursors, transactions, a few worker threads with their own
 connections), then runs it with and without the flag in the same run, alternating
 the order each round, and prints the medians and the wall-time ratio. Target:
-at most 5% overhead.
+at most 5% overhead. Plain pytest runs twice per round: the ratio of those two
+identical runs (an A/A control) shows how far this machine's timings wander in
+this run, which is what a difference of a few percent has to be read against.
 
 Three ratios are printed: of the medians; the median of each round's own ratio
 (the two runs of a round are back to back, so slow drift of a shared machine
@@ -159,11 +161,16 @@ def main() -> None:
     if args.instructions and shutil.which("valgrind") is None:
         parser.error("--instructions needs valgrind (apt install valgrind)")
 
+    # "off again" is the same command as "off", run last in a round whose order
+    # reverses every time: each round's sanitized run is compared with the mean of
+    # the two plain runs around it (slow drift of the machine cancels out), and
+    # their ratio to each other is this run's noise floor (an A/A control).
     variants = {"off": [], "--sanitize-threads": ["--sanitize-threads"]}
     if args.breakdown:
         variants["plugin not loaded"] = ["-p", "no:sanitize_threads"]
         # The sanitizer without the pytest plugin: what the plugin itself adds is the rest.
         variants["sanitizer alone"] = ["SANITIZE_THREADS=1", "-p", "no:sanitize_threads"]
+    variants["off again"] = []
     with tempfile.TemporaryDirectory(prefix="bench_pytest_") as tmp:
         root = Path(tmp)
         count = make_suite(root, args.tests)
@@ -174,7 +181,8 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in variants}
         cpus: dict[str, list[float]] = {name: [] for name in variants}
         sessions: dict[str, list[float]] = {name: [] for name in variants}
-        counts = instructions(root, variants) if args.instructions else {}
+        counts = (instructions(root, {k: v for k, v in variants.items() if k != "off again"})
+                  if args.instructions else {})
         for round_number in range(args.rounds):
             order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
             for name in order:
@@ -190,23 +198,25 @@ def main() -> None:
         print(f"{name:<22}{statistics.median(walls[name]):>9.3f}s"
               f"{statistics.median(cpus[name]):>9.3f}s{statistics.median(sessions[name]):>9.3f}s")
 
-    def ratio(values: dict[str, list[float]]) -> str:
-        r = statistics.median(values["--sanitize-threads"]) / statistics.median(values["off"])
+    def show(r: float) -> str:
         return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
 
-    def paired(values: dict[str, list[float]]) -> str:
-        r = statistics.median(on / off for on, off in
-                              zip(values["--sanitize-threads"], values["off"], strict=True))
-        return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
+    def ratios(values: dict[str, list[float]], name: str = "--sanitize-threads") -> str:
+        """Per round against the mean of that round's plain runs; of medians; of the fastest."""
+        base = [(a + b) / 2 for a, b in zip(values["off"], values["off again"], strict=True)]
+        plain = values["off"] + values["off again"]
+        per_round = statistics.median(v / b for v, b in zip(values[name], base, strict=True))
+        medians = statistics.median(values[name]) / statistics.median(plain)
+        fastest = min(values[name]) / min(plain)
+        return f"paired {show(per_round)}, medians {show(medians)}, fastest {show(fastest)}"
 
-    def fastest(values: dict[str, list[float]]) -> str:
-        r = min(values["--sanitize-threads"]) / min(values["off"])
-        return f"{r:.3f} ({(r - 1) * 100:+.1f}%)"
-
-    print(f"wall-time ratio --sanitize-threads / off: {ratio(walls)}, paired {paired(walls)}, "
-          f"fastest runs {fastest(walls)}; target <= +5%")
-    print(f"CPU-time ratio: {ratio(cpus)}, paired {paired(cpus)}; session-time ratio "
-          f"(pytest's 'in Ns'): {ratio(sessions)}, paired {paired(sessions)}")
+    print(f"wall time, --sanitize-threads / plain: {ratios(walls)}; target <= +5%")
+    print(f"CPU time: {ratios(cpus)}")
+    print(f"pytest's session time ('in Ns'): {ratios(sessions)}")
+    first, again = walls["off"], walls["off again"]
+    print("noise floor, the same plain command twice (off again / off): wall paired "
+          f"{show(statistics.median(b / a for a, b in zip(first, again, strict=True)))}, "
+          f"medians {show(statistics.median(again) / statistics.median(first))}")
     if counts:
         r = counts["--sanitize-threads"] / counts["off"]
         print("instructions (callgrind): " + ", ".join(
