@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
+import warnings
 from types import ModuleType
 from typing import Any
 
+from sanitizer import stacks
 from sanitizer.instrument import trackable_factory, tracked_subclass
 from sanitizer.ownership import UNTRACKED
 from sanitizer.plugin import Context, Plugin
@@ -133,6 +136,41 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
                             tuple(extra.items()))
 
 
+# sqlite3.connect()'s parameters after the database, in order.
+CONNECT_PARAMETERS = ("timeout", "detect_types", "isolation_level", "check_same_thread",
+                      "factory", "cached_statements", "uri")
+# Python 3.13 and 3.14 deprecate passing them by position (3.15 makes them
+# keyword-only). sqlite3 warns about the innermost Python frame, which would be
+# the connect wrapper: the warning would name the sanitizer's file, and Python's
+# default filter, which shows DeprecationWarnings only for __main__, would hide it.
+POSITIONAL_DEPRECATED = (3, 13) <= sys.version_info < (3, 15)
+POSITIONAL_WARNING = ("Passing more than 1 positional argument to {}() is deprecated. Parameters "
+                      + ", ".join(f"'{name}'" for name in CONNECT_PARAMETERS[:-1])
+                      + f" and '{CONNECT_PARAMETERS[-1]}' will become keyword-only parameters "
+                      "in Python 3.15.")
+
+
+def _warn_positional(function: str) -> None:
+    if sys.version_info >= (3, 12):  # always, where POSITIONAL_DEPRECATED holds
+        warnings.warn(POSITIONAL_WARNING.format(function), DeprecationWarning,
+                      skip_file_prefixes=stacks.INTERNAL_DIRS)
+
+
+def _as_keywords(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Warn at the caller's line as plain sqlite3 does; pass the arguments by keyword."""
+    _warn_positional("sqlite3.connect")
+    factory = args[5] if len(args) > 5 else kwargs.get("factory", stock)
+    if getattr(factory, "__init__", None) is vars(stock)["__init__"]:
+        # sqlite3 passes the same arguments on to the factory, whose C __init__ warns
+        # again; a factory with its own __init__ now gets keywords and stays quiet.
+        _warn_positional("_sqlite3.Connection")
+    named = dict(zip(CONNECT_PARAMETERS, args[1:], strict=False))
+    if named.keys() & kwargs.keys():
+        return args, kwargs  # a duplicate: sqlite3's own TypeError says so
+    return args[:1], {**named, **kwargs}
+
+
 def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
     stock = sqlite3.Connection
     stock_classes: dict[bool, type] = {}  # the common case, by check_same_thread
@@ -145,6 +183,8 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
 
     def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                 ) -> Any:
+        if POSITIONAL_DEPRECATED and 1 < len(args) <= len(CONNECT_PARAMETERS) + 1:
+            args, kwargs = _as_keywords(stock, args, kwargs)  # may raise under -W error
         try:
             # Positional layout of sqlite3.connect(): check_same_thread 5th, factory 6th.
             if len(args) > 4:

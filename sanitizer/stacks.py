@@ -18,6 +18,9 @@ GUARD_FILENAME = "<sanitizer-guard>"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
+# For warnings.warn(skip_file_prefixes=...): a warning about the user's call
+# names the user's line, not the wrapper that passed it on.
+INTERNAL_DIRS = (_PACKAGE_DIR, _WRAPT_DIR)
 # What capture() does with a frame, by file name: str caches its hash (a code
 # object recomputes its own on every lookup), and one lookup per frame decides.
 USER, INTERNAL, BOUNDARY = 0, 1, 2

@@ -140,6 +140,30 @@ def test_dedup_counts_repeats_of_one_site(tmp_path: Path) -> None:
     assert "5 x thread-affinity (strict)" in proc.stderr.replace("    ", " ").replace("  ", " ")
 
 
+def test_warnings_about_the_callers_arguments_name_the_callers_line(tmp_path: Path) -> None:
+    # Python 3.13 deprecates sqlite3.connect()'s options given by position. The
+    # warnings must read as without the sanitizer: at the user's line, where the
+    # default filter shows them for __main__, not at the wrapper that passed them on.
+    source = """
+        import sqlite3
+        class Mine(sqlite3.Connection):
+            pass
+        plain = sqlite3.connect(":memory:", 5.0)
+        mine = sqlite3.connect(":memory:", 5.0, 0, "", True, Mine)
+        print(isinstance(mine, Mine), mine.execute("select 1").fetchone(), plain.timeout
+              if hasattr(plain, "timeout") else 5.0)
+    """
+    plain, _ = run_program(tmp_path, source, env_value=None)
+    sanitized, records = run_program(tmp_path, source)
+    assert plain.returncode == sanitized.returncode == 0, sanitized.stderr
+    assert sanitized.stdout == plain.stdout == "True (1,) 5.0\n"
+    assert sanitized.stderr == plain.stderr
+    assert records == []
+    if sys.version_info[:2] in ((3, 13), (3, 14)):
+        assert plain.stderr.count("app.py:5: DeprecationWarning") == 2  # connect, Connection
+        assert plain.stderr.count("app.py:6: DeprecationWarning") == 2
+
+
 def test_unset_variable_imports_and_patches_nothing(tmp_path: Path) -> None:
     source = """
         import sys, sqlite3

@@ -91,6 +91,7 @@ class TestTransparency:
             in_thread(lambda: conn.execute("select 1"))
         assert sanitized.policies() == ["strict"]
 
+    @pytest.mark.filterwarnings("ignore:Passing more than 1 positional:DeprecationWarning")
     def test_positional_arguments_choose_the_policy_and_factory(
             self, sanitized: Sanitized) -> None:
         class MyConnection(sqlite3.Connection):
