@@ -121,7 +121,8 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     extra: dict[str, Any] = {"__init__": __init__}
     for name, (params, call) in expressions.items():
         if getattr(base, name) is stock.__dict__[name]:
-            extra[name] = policy.guard_expression(call, name, params, scope)
+            extra[name] = policy.guard_expression(call, name, params, scope,
+                                                  wrapped=stock.__dict__[name])
         else:  # the user's factory overrides it: honour theirs
             extra[name] = policy.guard(getattr(base, name), name, name=name)
     for name, func in (("blobopen", blobopen), ("backup", backup)):

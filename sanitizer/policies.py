@@ -141,12 +141,15 @@ class Policy:
         namespace: dict[str, Any],
         *,
         record: str = RECORD,
+        wrapped: Callable[..., Any] | None = None,
     ) -> FunctionType:
         """Like ``guard``, but the call through is an expression over ``namespace``.
 
         For hot paths that can reach C directly without an extra Python frame.
+        ``wrapped`` is the method it stands for: its docstring and metadata are copied.
         """
-        return compile_guard(self, call, operation, params, operation, namespace, record=record)
+        return compile_guard(self, call, operation, params, operation, namespace,
+                             wrapped=wrapped, record=record)
 
     @functools.cache  # noqa: B019 - policies are few and live for the process
     def call_guard(self, operation: str) -> FunctionType:

@@ -65,6 +65,19 @@ class TestTransparency:
         cursor = sqlite3.Cursor(conn)
         assert cursor.execute("select 7").fetchone() == (7,)
 
+    def test_checked_methods_keep_their_names_and_docstrings(self, sanitized: Sanitized) -> None:
+        conn = sqlite3.connect(":memory:")
+        cursor = conn.cursor()
+        for obj, stock, names in (
+                (conn, sqlite3.Connection, ("execute", "executemany", "executescript", "cursor",
+                                            "commit", "close", "__enter__")),
+                (cursor, sqlite3.Cursor, ("execute", "fetchone", "fetchall", "close"))):
+            for name in names:
+                method = getattr(type(obj), name)
+                assert method is not getattr(stock, name)  # checked ...
+                assert method.__name__ == name  # ... and help() reads the same
+                assert method.__doc__ == getattr(stock, name).__doc__, name
+
     def test_library_errors_are_unchanged(self, sanitized: Sanitized) -> None:
         conn = sqlite3.connect(":memory:")
         with pytest.raises(sqlite3.OperationalError, match="no such column: nope"):
