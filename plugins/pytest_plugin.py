@@ -99,6 +99,11 @@ reports' user properties, the session's in the worker output, and the controller
 prints the summary and writes the report. Stacks in these reports leave out
 pytest's and pluggy's frames.
 
+A bug in the plugin itself is said once per kind (as the sanitizer's
+``sanitizer_internal_error`` event, or a line on the terminal) and the run goes
+on; a test whose violations could not be rendered still fails. A report file
+that cannot be written is one line and exit status 4.
+
 Before it is switched on this module only registers options, the marker and
 the fixture: it imports nothing of the sanitizer core and patches nothing.
 """
@@ -584,6 +589,7 @@ class _Plugin:
         self.seen_records: set[object] = set()
         self._restore: list[Callable[[], None]] = []
         self._marked_parents: dict[pytest.Collector, bool] = {}
+        self._internal_errors: set[tuple[str, str]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -652,8 +658,27 @@ class _Plugin:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.controller:
             return
-        self._patch_thread_start()
-        self._wrap_excepthook()
+        try:
+            self._patch_thread_start()
+            self._wrap_excepthook()
+        except Exception as exc:
+            self.internal_error(exc, "sessionstart")
+
+    def internal_error(self, exc: Exception, where: str) -> None:
+        """A bug in this plugin: said once per kind, and the test run goes on.
+
+        The hooks catch everything but pytest's own outcomes (BaseExceptions), and
+        a test whose violations could not be reported still fails.
+        """
+        key = (type(exc).__name__, where)
+        if key in self._internal_errors:
+            return
+        self._internal_errors.add(key)
+        if self.sanitizer is not None:
+            self.sanitizer.reporter.internal_error(exc, f"pytest plugin: {where}")
+            return
+        _say(self.config, f"sanitize-threads: internal error in the pytest plugin ({where}): "
+                          f"{type(exc).__name__}: {exc}")
 
     def _patch_thread_start(self) -> None:
         original = threading.Thread.start
@@ -732,17 +757,20 @@ class _Plugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        sanitizer = self.sanitizer
-        if sanitizer is None or sanitizer is not self._control._running:
-            self._resume()
         settings = self.base
-        for mark in item.own_markers:
-            if mark.name == MARKER:
-                settings = _settings_for(item, self.base, self.options)
-                break
-        else:
-            if self._parent_marked(item.parent):
-                settings = _settings_for(item, self.base, self.options)
+        try:
+            sanitizer = self.sanitizer
+            if sanitizer is None or sanitizer is not self._control._running:
+                self._resume()
+            for mark in item.own_markers:
+                if mark.name == MARKER:
+                    settings = _settings_for(item, self.base, self.options)
+                    break
+            else:
+                if self._parent_marked(item.parent):
+                    settings = _settings_for(item, self.base, self.options)
+        except Exception as exc:
+            self.internal_error(exc, "runtest_setup")
         # A plain assignment: a violation in another thread sees either no test
         # (the session's, between tests) or this one.
         self.current = _TestRun(self, item.nodeid, settings, item)
@@ -767,7 +795,10 @@ class _Plugin:
         if run is None or (report.location is not run.location and (
                 report.location != run.location or report.nodeid != run.nodeid)):
             if self.controller:  # the xdist controller runs no tests: workers' reports
-                self.take_worker_records(report)
+                try:
+                    self.take_worker_records(report)
+                except Exception as exc:
+                    self.internal_error(exc, "taking a worker's records")
             return
         when = report.when
         new: list[ThreadViolation] = []
@@ -782,17 +813,31 @@ class _Plugin:
                 with self.lock:
                     new = run.take_pending()
         if new:
-            self._fail(report, run, new)
+            try:
+                self._fail(report, run, new)
+            except Exception as exc:
+                self.internal_error(exc, "reporting a violation")
+                if report.passed:  # fail closed: the violation did happen
+                    report.outcome = "failed"
+                    report.longrepr = (f"{len(new)} thread-affinity violation(s); the report "
+                                       f"could not be built ({type(exc).__name__}: {exc})")
         if when == "teardown" and run.all:
-            item = run.item
-            for record in run.all:
-                data = self._as_dict(record, run.nodeid)
-                value = json.dumps(data, default=repr)
-                report.user_properties.append((PROPERTY, value))
-                if item is not None:
-                    item.user_properties.append((PROPERTY, value))
-                if not self.worker:
-                    self._take(data)
+            try:
+                self._attach_records(report, run)
+            except Exception as exc:
+                self.internal_error(exc, "recording violations")
+
+    def _attach_records(self, report: pytest.TestReport, run: _TestRun) -> None:
+        """Every record of the test, as JSON user properties (JUnit XML, xdist, the report)."""
+        item = run.item
+        for record in run.all:
+            data = self._as_dict(record, run.nodeid)
+            value = json.dumps(data, default=repr)
+            report.user_properties.append((PROPERTY, value))
+            if item is not None:
+                item.user_properties.append((PROPERTY, value))
+            if not self.worker:
+                self._take(data)
 
     def take_worker_records(self, report: pytest.TestReport) -> None:
         """On the xdist controller: a worker's records travel in its teardown reports."""
@@ -894,8 +939,11 @@ class _Plugin:
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         output = getattr(node, "workeroutput", None) or {}
-        for data in json.loads(output.get(WORKER_OUTPUT, "[]")):
-            self._take(data)
+        try:
+            for data in json.loads(output.get(WORKER_OUTPUT, "[]")):
+                self._take(data)
+        except Exception as exc:
+            self.internal_error(exc, "taking a worker's session records")
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:
@@ -904,11 +952,14 @@ class _Plugin:
         with self.lock:
             self.session_run.when = "session end"
         yield
-        if self.worker:
-            self.config.workeroutput[WORKER_OUTPUT] = json.dumps(  # type: ignore[attr-defined]
-                self._session_records(), default=repr)
-        else:
-            self._finish(session)
+        try:
+            if self.worker:
+                self.config.workeroutput[WORKER_OUTPUT] = json.dumps(  # type: ignore[attr-defined]
+                    self._session_records(), default=repr)
+            else:
+                self._finish(session)
+        except Exception as exc:
+            self.internal_error(exc, "sessionfinish")
 
     def _finish(self, session: pytest.Session) -> None:
         for data in self._session_records():
@@ -921,9 +972,14 @@ class _Plugin:
         path = self.config.option.sanitize_threads_report
         if path:
             target = Path(self.config.invocation_params.dir, path)
-            target.parent.mkdir(parents=True, exist_ok=True)
             document = {"options": self.options.to_string(), "records": self.records}
-            target.write_text(json.dumps(document, indent=2, default=repr) + "\n")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps(document, indent=2, default=repr) + "\n")
+            except OSError as exc:  # the user's path: a usage error, not a bug
+                _say(self.config, f"sanitize-threads: cannot write the {REPORT_OPTION} file: "
+                                  f"{exc}")
+                session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
     # -- terminal ----------------------------------------------------------------------------
 
@@ -934,6 +990,12 @@ class _Plugin:
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.worker:
             return
+        try:
+            self._summary(terminalreporter)
+        except Exception as exc:
+            self.internal_error(exc, "terminal summary")
+
+    def _summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         failing = [r for r in self.records if not r.get("expected")]
         if not failing:
             return
@@ -958,6 +1020,15 @@ class _Plugin:
         if outside:
             summary += f", {outside} outside any test"
         write(summary, red=True)
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """One line on the terminal (outside any test's captured output)."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(line, red=True)
+    elif sys.__stderr__ is not None:
+        sys.__stderr__.write(line + "\n")
 
 
 def _failure_keys(report: pytest.TestReport, raised: list[BaseException]

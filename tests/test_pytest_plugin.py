@@ -653,6 +653,53 @@ class TestActions:
 # -- the marker ------------------------------------------------------------------------------
 
 
+class TestRobustness:
+    def test_an_internal_error_is_said_once_and_its_tests_still_fail(
+            self, suite: pytest.Pytester) -> None:
+        suite.makeconftest('''
+            from sanitizer.plugins import pytest_plugin
+
+            def broken(self, record):
+                raise RuntimeError("renderer broke")
+
+            pytest_plugin._Plugin._render = broken  # a bug in the plugin, on purpose
+        ''')
+        suite.makepyfile(test_bug='''
+            from helpers import violate
+
+            def test_first():
+                violate()
+
+            def test_second():
+                violate()
+
+            def test_clean():
+                pass
+        ''')
+        result = suite.runpytest_subprocess("--sanitize-threads")
+        result.assert_outcomes(passed=1, failed=2)
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        output = result.stdout.str() + result.stderr.str()
+        assert "INTERNALERROR" not in output
+        assert output.count("sanitizer_internal_error") == 1, output  # said once
+        result.stdout.fnmatch_lines([
+            "1 thread-affinity violation(s); the report could not be built "
+            "(RuntimeError: renderer broke)",
+            "FAILED test_bug.py::test_first - 1 thread-affinity violation(s)*",
+            "FAILED test_bug.py::test_second - 1 thread-affinity violation(s)*",
+        ])
+
+    def test_a_report_path_that_cannot_be_written_is_one_line_and_exit_status_4(
+            self, suite: pytest.Pytester) -> None:
+        suite.makepyfile(SHARED)
+        (suite.path / "blocker").write_text("a file, not a directory")
+        result = suite.runpytest("--sanitize-threads", "--sanitize-threads-report=blocker/v.json")
+        result.assert_outcomes(failed=1)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stdout.fnmatch_lines(
+            ["sanitize-threads: cannot write the --sanitize-threads-report file: *blocker*"])
+
+
 class TestMarker:
     def test_opt_out(self, suite: pytest.Pytester) -> None:
         suite.makepyfile('''
