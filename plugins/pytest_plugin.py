@@ -817,7 +817,8 @@ class _Plugin:
                 self._fail(report, run, new)
             except Exception as exc:
                 self.internal_error(exc, "reporting a violation")
-                if report.passed:  # fail closed: the violation did happen
+                # Fail closed, as _fail would: the violation did happen.
+                if not (report.failed or (getattr(report, "wasxfail", None) and report.skipped)):
                     report.outcome = "failed"
                     report.longrepr = (f"{len(new)} thread-affinity violation(s); the report "
                                        f"could not be built ({type(exc).__name__}: {exc})")
