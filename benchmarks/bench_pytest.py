@@ -2,17 +2,19 @@
 
 Generates a suite (default 2,000 tests: connections made by fixtures and by the
 tests, queries, cursors, transactions, a few worker threads with their own
-connections), then runs it with and without the flag in the same run, alternating
-the order each round, and prints the medians and the wall-time ratio. Target:
-at most 5% overhead. Plain pytest runs twice per round: the ratio of those two
-identical runs (an A/A control) shows how far this machine's timings wander in
-this run, which is what a difference of a few percent has to be read against.
+connections), then runs it in the same run as plain pytest, with the flag, and
+as plain pytest again, reversing that order each round, and prints the medians
+and the ratios. Target: at most 5% overhead.
 
-Three ratios are printed: of the medians; the median of each round's own ratio
-(the two runs of a round are back to back, so slow drift of a shared machine
-cancels out); and of the fastest runs (for CPU-bound work, the run least
-disturbed by anything else on the machine). ``--breakdown`` adds the suite without the plugin loaded
-and the sanitizer alone (SANITIZE_THREADS, plugin off), to see who costs what.
+Three ratios are printed, each against the plain runs: the median of each
+round's own ratio (the sanitized run against the mean of the two plain runs
+around it, so slow drift of a shared machine cancels out); of the medians; and
+of the fastest runs (for CPU-bound work, the run least disturbed by anything
+else on the machine). The two identical plain runs compared with each other (an
+A/A control) show how far this machine's timings wander in this run, which is
+what a difference of a few percent has to be read against. ``--breakdown`` adds
+the suite without the plugin loaded and the sanitizer alone (SANITIZE_THREADS,
+plugin off), to see who costs what.
 
 ``--instructions`` also runs each variant once under valgrind's callgrind and
 prints the ratio of instructions executed: a count, not a time, so it is the

@@ -42,8 +42,7 @@ def kind_of(filename: str) -> int:
     try:
         return _kinds[filename]
     except KeyError:
-        if (filename == GUARD_FILENAME or filename.startswith(_PACKAGE_DIR)
-                or filename.startswith(_WRAPT_DIR)):
+        if filename == GUARD_FILENAME or filename.startswith(INTERNAL_DIRS):
             kind = INTERNAL
         elif filename.startswith(tuple(_boundaries)):
             kind = BOUNDARY

@@ -650,9 +650,6 @@ class TestActions:
         assert result.ret == 66
 
 
-# -- the marker ------------------------------------------------------------------------------
-
-
 class TestRobustness:
     def test_an_internal_error_is_said_once_and_its_tests_still_fail(
             self, suite: pytest.Pytester) -> None:
@@ -698,6 +695,9 @@ class TestRobustness:
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stdout.fnmatch_lines(
             ["sanitize-threads: cannot write the --sanitize-threads-report file: *blocker*"])
+
+
+# -- the marker ------------------------------------------------------------------------------
 
 
 class TestMarker:
