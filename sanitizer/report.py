@@ -20,7 +20,8 @@ EVENT = "thread_affinity_violation"
 
 @dataclasses.dataclass
 class Violation:
-    """One kind of misuse: a (policy, creation site, access site) and how often it happened."""
+    """One kind of misuse: a (policy, object type, operation, creation site, access site),
+    and how often it happened."""
 
     policy: str
     object_type: str
@@ -46,18 +47,20 @@ class Violation:
 
     @property
     def creation_site(self) -> stacks.Frame | None:
-        return stacks.site(self.creation_stack)
+        return stacks.site_of(self.creation_stack)
 
     @property
     def access_site(self) -> stacks.Frame | None:
-        return stacks.site(self.access_stack)
+        return stacks.site_of(self.access_stack)
 
     @property
     def key(self) -> tuple[object, ...]:
         def where(frame: stacks.Frame | None) -> tuple[str, int] | None:
             return stacks.location(frame) if frame else None
 
-        return (self.policy, where(self.creation_site), where(self.access_site))
+        # Different operations or types met on one line are different findings.
+        return (self.policy, self.object_type, self.operation, where(self.creation_site),
+                where(self.access_site))
 
     @property
     def summary(self) -> str:

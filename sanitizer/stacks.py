@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import site
 import sys
+import sysconfig
 from collections.abc import Iterable, Iterator
 from types import CodeType, FrameType
 
@@ -128,8 +130,30 @@ def add_library(module_prefix: str) -> None:
 _library_cache: dict[str, bool] = {}
 
 
+def _installed_dirs() -> tuple[str, ...]:
+    """The standard library's and site-packages' directories: code the user did not write."""
+    paths = sysconfig.get_paths()
+    found = [paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    found += getattr(site, "getsitepackages", list)()
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    dirs: list[str] = []
+    for path in filter(None, found):
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            form = os.path.join(form, "")
+            if form not in dirs:
+                dirs.append(form)
+    return tuple(dirs)
+
+
+# Frames in these count as library frames even when no plugin names them: the
+# summary line and the dedup key then name the first line of the user's code.
+INSTALLED_DIRS = _installed_dirs()
+
+
 def is_library_file(filename: str) -> bool:
-    return any(prefix in filename for prefix in _library_prefixes)
+    return filename.startswith(INSTALLED_DIRS) or any(
+        prefix in filename for prefix in _library_prefixes)
 
 
 def is_library(code: CodeType) -> bool:
@@ -158,8 +182,9 @@ def location(frame: Frame | None) -> tuple[str, int]:
     return (frame[0].co_filename, line_of(frame))
 
 
-def site(stack: Stack) -> Frame | None:
-    """The frame a report is about: the innermost frame outside instrumented libraries."""
+def site_of(stack: Stack) -> Frame | None:
+    """The frame a report is about: the innermost frame outside libraries (instrumented
+    ones, the standard library and site-packages), else the innermost frame."""
     for frame in stack:
         if not is_library(frame[0]):
             return frame

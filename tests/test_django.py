@@ -253,10 +253,13 @@ class TestCrossThread:
         # Django connects with check_same_thread=False; the Django layer owns the verdict.
         assert record_of(driver) is record_of(conn)
         in_thread(lambda: driver.execute("SELECT 1").fetchone())
-        violation = only(sanitized)
-        assert violation.policy == "strict"
-        assert violation.object_type == "sqlite3.Connection"
+        # Two operations on one line are two findings (the dedup key has both).
+        violation, fetch = sanitizer.violations()
+        assert (violation.policy, violation.object_type, violation.operation) == (
+            "strict", "sqlite3.Connection", "execute")
         assert violation.root_type == "django.db.backends.sqlite3.base.DatabaseWrapper"
+        assert (fetch.policy, fetch.object_type, fetch.operation) == (
+            "strict", "sqlite3.Cursor", "fetchone")
 
     def test_cursor_and_driver_share_the_wrapper_record(self, sanitized: Sanitized) -> None:
         conn = new_wrapper()

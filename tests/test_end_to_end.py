@@ -140,6 +140,58 @@ def test_dedup_counts_repeats_of_one_site(tmp_path: Path) -> None:
     assert "5 x thread-affinity (strict)" in proc.stderr.replace("    ", " ").replace("  ", " ")
 
 
+def test_dedup_keeps_operations_and_types_on_one_line_apart(tmp_path: Path) -> None:
+    source = """
+        import sqlite3, threading
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        cur = conn.cursor()
+        busy, done = threading.Event(), threading.Event()
+        def hold(x):
+            busy.set()
+            done.wait(10)
+            return x
+        conn.create_function("hold", 1, hold)
+        t = threading.Thread(target=lambda: conn.execute("select hold(1)").fetchall())
+        t.start(); busy.wait(10)
+        conn.commit(); conn.rollback(); cur.close()  # three uses
+        done.set(); t.join()
+    """
+    proc, records = run_program(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    found = [(r["policy"], r["object_type"], r["operation"], r["count"]) for r in records]
+    assert found == [("exclusive", "sqlite3.Connection", "commit", 1),
+                     ("exclusive", "sqlite3.Connection", "rollback", 1),
+                     ("exclusive", "sqlite3.Cursor", "close", 1)]
+    assert {r["access_stack"][0]["line"] for r in records} == {line_of(source, "three uses")}
+
+
+def test_sites_pass_over_standard_library_frames(tmp_path: Path) -> None:
+    # contextlib.closing calls close() from the standard library: the summary and
+    # the dedup key name the user's line one frame below, not contextlib.py.
+    source = """
+        import contextlib, sqlite3, threading
+        conn = sqlite3.connect(":memory:")
+        def use():
+            try:
+                with contextlib.closing(conn):  # closing
+                    pass
+            except sqlite3.ProgrammingError:
+                pass
+        t = threading.Thread(target=use, name="user"); t.start(); t.join()
+    """
+    (tmp_path / "app.py").write_text(__import__("textwrap").dedent(source))
+    log = tmp_path / "violations.jsonl"
+    env = {**os.environ, "SANITIZE_THREADS": f"format=console,log_file={log}"}
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()
+    assert "contextlib.py" in text  # the frame stays in the stack
+    here = f"{tmp_path / 'app.py'}:{line_of(source, 'closing')} in use"
+    assert f"SUMMARY: thread-affinity (strict) {here}" in text
+    assert f"1 x thread-affinity (strict) {here}" in " ".join(out.stderr.split())
+
+
 def test_warnings_about_the_callers_arguments_name_the_callers_line(tmp_path: Path) -> None:
     # Python 3.13 deprecates sqlite3.connect()'s options given by position. The
     # warnings must read as without the sanitizer: at the user's line, where the

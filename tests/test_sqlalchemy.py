@@ -488,11 +488,14 @@ class TestCaught:
                 session.close()
         outcome = self.race(gate, hold, intrude)
         assert "error" not in outcome
-        # Two Sessions, one DB-API connection: caught by the sqlite3 layer, once.
+        # Two Sessions, one DB-API connection: caught by the sqlite3 layer, once per
+        # operation (making the cursor, then its statement).
         assert {s for s in sites(sanitized)} == {
-            ("sqlite3.Connection", HERE, line_of("static-race"))}
-        [violation] = sanitizer.violations()
-        assert violation.policy == "exclusive"
+            ("sqlite3.Connection", HERE, line_of("static-race")),
+            ("sqlite3.Cursor", HERE, line_of("static-race"))}
+        violation, statement = sanitizer.violations()
+        assert (violation.policy, violation.operation) == ("exclusive", "cursor")
+        assert (statement.policy, statement.operation) == ("exclusive", "execute")
         # The creation site is the user's line, past SQLAlchemy's deep pool stack.
         assert violation.creation_site is not None
         assert violation.creation_site[0].co_filename == HERE
@@ -539,5 +542,7 @@ class TestCaught:
         done.set()
         owner.join()
         assert set(sites(sanitized)) == {("sqlite3.Connection", HERE, line_of("checkin-in-b"))}
+        # The pool's rollback fails (sqlite3 raises too), so it closes the connection:
+        # two operations, two findings.
         assert [(v.policy, v.operation) for v in sanitizer.violations()] == [
-            ("strict", "rollback")]
+            ("strict", "rollback"), ("strict", "close")]
