@@ -18,6 +18,7 @@ import functools
 import inspect
 import sys
 import warnings
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
@@ -25,31 +26,78 @@ from sanitizer import stacks
 from sanitizer.instrument import trackable_factory, tracked_subclass
 from sanitizer.ownership import UNTRACKED
 from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import EXCLUSIVE_POLICY, STRICT_POLICY, Policy, guarded_call
+from sanitizer.policies import (
+    EXCLUSIVE_POLICY,
+    STRICT_POLICY,
+    Check,
+    Policy,
+    checked,
+    concurrent_call,
+)
 from sanitizer.proxy import make_proxy
 
-# Guarded as they are. Parameter lists are exact where the call is hot.
-CONNECTION_METHODS: dict[str, str | None] = {
-    "close": "", "commit": "", "rollback": "",
-    "__enter__": "", "__exit__": "exc_type, exc_value, traceback, /",
-    "create_function": None, "create_aggregate": None, "create_collation": None,
-    "create_window_function": None, "set_authorizer": None, "set_progress_handler": None,
-    "set_trace_callback": None, "enable_load_extension": None, "load_extension": None,
-    "getlimit": None, "setlimit": None, "getconfig": None, "setconfig": None,
-    "serialize": None, "deserialize": None, "iterdump": None,
+POLICY, CONCURRENT, RELEASE, NONE = Check.POLICY, Check.CONCURRENT, Check.RELEASE, Check.NONE
+
+# How each operation is checked: as CPython's sqlite3 checks it itself, on every
+# supported version (tests/test_sqlite3_plugin.py asks CPython). POLICY where
+# sqlite3 refuses other threads (its check_thread), CONCURRENT where it lets any
+# thread in but another thread's call may be using the same state, NONE where
+# nothing is shared (interrupt() is documented as safe from any thread), and
+# RELEASE for close(): in a forked child, closing is how libraries let go of an
+# inherited connection, and dropping the reference closes it just the same.
+CONNECTION_CHECKS: dict[str, Check] = {
+    "close": RELEASE, "commit": POLICY, "rollback": POLICY, "cursor": POLICY,
+    "execute": POLICY, "executemany": POLICY, "executescript": POLICY,
+    "__enter__": NONE, "__exit__": POLICY, "__call__": POLICY,
+    "create_function": POLICY, "create_aggregate": POLICY, "create_collation": POLICY,
+    "create_window_function": POLICY, "set_authorizer": POLICY,
+    "set_progress_handler": POLICY, "set_trace_callback": POLICY,
+    "enable_load_extension": POLICY, "load_extension": POLICY, "getlimit": POLICY,
+    "setlimit": POLICY, "getconfig": POLICY, "setconfig": POLICY, "serialize": POLICY,
+    "deserialize": POLICY, "iterdump": POLICY, "blobopen": POLICY, "backup": POLICY,
+    "interrupt": NONE,
 }
-# Not guarded: interrupt(), which SQLite documents as safe from any thread.
-CONNECTION_ATTRIBUTES = ("row_factory", "text_factory", "isolation_level", "in_transaction",
-                         "total_changes", "autocommit")
-CURSOR_METHODS: dict[str, str | None] = {
+# Attributes: (read, set); None for read-only ones. Reads of plain settings and
+# counters touch nothing a call in progress is using.
+CONNECTION_ATTRIBUTES: dict[str, tuple[Check, Check | None]] = {
+    "row_factory": (NONE, CONCURRENT), "text_factory": (NONE, CONCURRENT),
+    "isolation_level": (NONE, CONCURRENT), "in_transaction": (NONE, None),
+    "total_changes": (NONE, None), "autocommit": (POLICY, POLICY),
+}
+# ``isolation_level = None`` commits: Python 3.11 added the thread check to it.
+ISOLATION_LEVEL_NONE = POLICY if sys.version_info >= (3, 11) else CONCURRENT
+# The target of ``source.backup(target)``: sqlite3 checks only the source's thread.
+BACKUP_TARGET = CONCURRENT
+CURSOR_CHECKS: dict[str, Check] = {
+    "execute": POLICY, "executemany": POLICY, "executescript": POLICY, "fetchone": POLICY,
+    "fetchmany": POLICY, "fetchall": POLICY, "__next__": POLICY, "close": RELEASE,
+    "__iter__": NONE, "setinputsizes": NONE, "setoutputsize": NONE,
+}
+# Cursor attributes (arraysize, description, rowcount, lastrowid, row_factory,
+# connection) are the cursor's own plain state: NONE, read or set.
+CURSOR_ATTRIBUTES = ("arraysize", "connection", "description", "lastrowid", "row_factory",
+                     "rowcount")
+BLOB_CHECKS: dict[str, Check] = {
+    "read": POLICY, "write": POLICY, "seek": POLICY, "tell": POLICY, "close": RELEASE,
+    "__enter__": POLICY, "__exit__": POLICY, "__getitem__": POLICY, "__setitem__": POLICY,
+    "__len__": POLICY,
+}
+
+# Exact parameter lists where a call is hot (else the method's own, or *args, **kwargs).
+SIGNATURES: dict[str, str] = {
+    "close": "", "commit": "", "rollback": "", "__exit__": "exc_type, exc_value, traceback, /",
     "execute": "sql, parameters=(), /", "executemany": "sql, seq_of_parameters, /",
-    "executescript": "sql_script, /", "fetchone": "", "fetchall": "", "fetchmany": None,
-    "close": "", "setinputsizes": None, "setoutputsize": None, "__next__": "",
+    "executescript": "sql_script, /", "fetchone": "", "fetchall": "", "__next__": "",
+    "tell": "", "__len__": "", "__enter__": "",
 }
-BLOB_METHODS: dict[str, str | None] = {
-    "read": None, "write": None, "seek": None, "tell": "", "close": "",
-    "__enter__": "", "__exit__": None, "__getitem__": None, "__setitem__": None, "__len__": "",
-}
+
+
+def methods(checks: dict[str, Check], names: Iterable[str] | None = None
+            ) -> tuple[tuple[str, str | None], ...]:
+    """The guarded methods of a table (``names`` only, if given) with their parameter lists."""
+    return tuple((name, SIGNATURES.get(name)) for name, check in checks.items()
+                 if check is not NONE and (names is None or name in names))
+
 
 _context: Context | None = None
 
@@ -65,9 +113,35 @@ def cursor_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     # A factory's own overrides keep their defaults: Django's execute(query, params=None)
     # treats None and () differently ("SELECT '%s'" would otherwise become "SELECT '?'").
     stock = sqlite3.Cursor
-    methods = tuple((name, params if getattr(base, name, None) is getattr(stock, name, None)
-                     else None) for name, params in CURSOR_METHODS.items())
-    return tracked_subclass(base, policy, methods, record=CURSOR_RECORD)
+    signatures = tuple((name, params if getattr(base, name, None) is getattr(stock, name, None)
+                        else None) for name, params in methods(CURSOR_CHECKS))
+    return tracked_subclass(base, policy, signatures, record=CURSOR_RECORD,
+                            checks=tuple(CURSOR_CHECKS.items()))
+
+
+def _attribute(descriptor: Any, name: str, policy: Policy, read: Check, write: Check | None
+               ) -> property | None:
+    """A property checking reads and writes of a C attribute as the table says
+    (None: nothing to check, the C descriptor stays as it is)."""
+    get = checked(policy, read)
+    set_ = checked(policy, write) if write is not None else None
+    if get is None and set_ is None:
+        return None
+    getter = get.guard(descriptor.__get__, name, "", name=name) if get else descriptor.__get__
+    setter = (set_.guard(descriptor.__set__, name, "value", name=name) if set_
+              else descriptor.__set__)
+    if name == "isolation_level" and ISOLATION_LEVEL_NONE is not write:
+        commits = checked(policy, ISOLATION_LEVEL_NONE)
+        assert commits is not None
+        setter = _by_value(commits.guard(descriptor.__set__, name, "value", name=name), setter)
+    return property(getter, setter, doc=descriptor.__doc__)
+
+
+def _by_value(to_none: Any, other: Any) -> Any:
+    """``isolation_level = None`` commits: checked like commit(), other values as set."""
+    def set_isolation_level(self: Any, value: Any) -> None:
+        (to_none if value is None else other)(self, value)
+    return set_isolation_level
 
 
 @functools.cache
@@ -77,6 +151,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     base_init = base.__init__
     base_blobopen = getattr(base, "blobopen", None)
     base_backup = base.backup
+    checks = tuple(CONNECTION_CHECKS.items())
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         context = _context  # None: made by type(conn)(...) after the plugin was unloaded
@@ -92,12 +167,15 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
 
     def blobopen(self: Any, *args: Any, **kwargs: Any) -> Any:
         assert base_blobopen is not None
-        return make_proxy(base_blobopen(self, *args, **kwargs), self._sanitizer_record,
-                          BLOB_METHODS)
+        blob = base_blobopen(self, *args, **kwargs)
+        return make_proxy(blob, self._sanitizer_record, dict(methods(BLOB_CHECKS)),
+                          BLOB_CHECKS)
 
     def backup(self: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
-        # Either side may be tracked; the target is checked under its own policy.
-        return guarded_call(target, "backup", base_backup, self, target, *args, **kwargs)
+        # The source is checked by this guard; sqlite3 lets any thread's connection
+        # be the target, as long as no other thread is using it meanwhile.
+        return concurrent_call(target, "backup", "the target of backup()", base_backup,
+                               self, target, *args, **kwargs)
 
     # conn.execute() in C would call the guarded cursor() and cursor.execute()
     # again; one check is enough, so the guard builds the cursor and runs the
@@ -120,21 +198,26 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     }
     extra: dict[str, Any] = {"__init__": __init__}
     for name, (params, call) in expressions.items():
+        guard = checked(policy, CONNECTION_CHECKS[name])
+        assert guard is not None
         if getattr(base, name) is stock.__dict__[name]:
-            extra[name] = policy.guard_expression(call, name, params, scope,
-                                                  wrapped=stock.__dict__[name])
+            extra[name] = guard.guard_expression(call, name, params, scope,
+                                                 wrapped=stock.__dict__[name])
         else:  # the user's factory overrides it: honour theirs
-            extra[name] = policy.guard(getattr(base, name), name, name=name)
+            extra[name] = guard.guard(getattr(base, name), name, name=name)
     for name, func in (("blobopen", blobopen), ("backup", backup)):
-        if hasattr(base, name):
-            extra[name] = policy.guard(func, name, name=name)
-    for name in CONNECTION_ATTRIBUTES:
+        guard = checked(policy, CONNECTION_CHECKS[name])
+        if hasattr(base, name) and guard is not None:
+            extra[name] = guard.guard(func, name, name=name)
+    for name, (read, write) in CONNECTION_ATTRIBUTES.items():
         descriptor = inspect.getattr_static(base, name, None)
-        if descriptor is not None:
-            extra[name] = property(policy.guard(descriptor.__get__, name, "", name=name),
-                                   policy.guard(descriptor.__set__, name, "value", name=name))
-    return tracked_subclass(base, policy, tuple(CONNECTION_METHODS.items()),
-                            tuple(extra.items()))
+        attribute = (_attribute(descriptor, name, policy, read, write)
+                     if descriptor is not None else None)
+        if attribute is not None:
+            extra[name] = attribute
+    plain = [name for name in CONNECTION_CHECKS if name not in extra]
+    return tracked_subclass(base, policy, methods(CONNECTION_CHECKS, plain),
+                            tuple(extra.items()), checks=checks)
 
 
 # sqlite3.connect()'s parameters after the database, in order.

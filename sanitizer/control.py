@@ -160,7 +160,8 @@ class Sanitizer:
 
     def on_violation(self, obj: object, record: ownership.OwnerRecord, operation: str,
                      policy: str, token: threads.ThreadToken, holder: object,
-                     detail: str | None) -> None:
+                     detail: str | None, role: str | None = None,
+                     note: str | None = None) -> None:
         local = self._local
         if getattr(local, "reporting", False):
             return  # something in our own reporting touched a tracked object
@@ -169,7 +170,8 @@ class Sanitizer:
             caller = sys._getframe(2)
             if self._finalizing(caller):
                 return
-            violation = self._build(obj, record, operation, policy, token, holder, detail, caller)
+            violation = self._build(obj, record, operation, policy, token, holder, detail, caller,
+                                    role, note)
         except Exception as exc:
             self.reporter.internal_error(exc, "building a report")
             return
@@ -195,7 +197,8 @@ class Sanitizer:
 
     def _build(self, obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
                token: threads.ThreadToken, holder: object, detail: str | None,
-               caller: FrameType) -> Violation:
+               caller: FrameType, role: str | None = None, note: str | None = None
+               ) -> Violation:
         from sanitizer.report import Violation, quote_args
 
         depth = self.options.stack_depth
@@ -228,10 +231,13 @@ class Sanitizer:
             holder_thread=holder_thread.as_dict() if holder_thread else None,
             holder_stack=holder_stack,
             resource=record.resource,
+            role=role,
         )
         if self.options.include_args:
             violation.args = quote_args(_guard_arguments(caller))
         violation.message = detail or _message(violation, token, owner)
+        if note:
+            violation.message += f": {note}"
         return violation
 
     # -- exit and fork ---------------------------------------------------------------
@@ -277,9 +283,9 @@ def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
 
 
 def _message(v: Violation, token: threads.ThreadToken, owner: threads.ThreadToken) -> str:
-    what = f"{v.object_type}.{v.operation}"
-    me = f"thread {token.label} '{token.current_name()}'"
     root = v.root_type or v.object_type
+    what = f"{v.object_type} used as {v.role}" if v.role else f"{v.object_type}.{v.operation}"
+    me = f"thread {token.label} '{token.current_name()}'"
     if v.policy == "process":
         return (f"{what} used in process {v.pid}, but the {root} was created in process "
                 f"{v.owner_pid} and inherited across fork()")
@@ -299,10 +305,12 @@ def _message(v: Violation, token: threads.ThreadToken, owner: threads.ThreadToke
 
 
 def violation(obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
-              token: threads.ThreadToken, holder: object, detail: str | None = None) -> None:
+              token: threads.ThreadToken, holder: object, detail: str | None = None, *,
+              role: str | None = None, note: str | None = None) -> None:
     sanitizer = _running
     if sanitizer is not None:
-        sanitizer.on_violation(obj, record, operation, policy, token, holder, detail)
+        sanitizer.on_violation(obj, record, operation, policy, token, holder, detail, role,
+                               note)
 
 
 def running() -> Sanitizer | None:

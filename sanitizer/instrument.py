@@ -8,11 +8,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sanitizer.ownership import UNTRACKED
-from sanitizer.policies import RECORD, Policy
+from sanitizer.policies import RECORD, Check, Policy, checked
 
 # Method name -> parameter list of its guard ("" for none; None: the method's own
 # if it is a Python function, else *args, **kwargs).
 Methods = Mapping[str, "str | None"]
+# Method name -> how it is checked; methods not named are checked by the policy.
+Checks = Mapping[str, Check]
 
 # Dunders that are uses of the object; the rest (__repr__, __del__, __init__ ...) are not.
 USE_DUNDERS = frozenset({
@@ -37,15 +39,20 @@ def public_methods(cls: type) -> dict[str, str | None]:
 
 
 def guards(
-    base: type, policy: Policy, methods: Methods, record: str = RECORD
+    base: type, policy: Policy, methods: Methods, record: str = RECORD,
+    checks: Checks | None = None,
 ) -> dict[str, Callable[..., Any]]:
-    """Guarded versions of ``base``'s methods, calling the originals through."""
+    """Guarded versions of ``base``'s methods, calling the originals through.
+
+    Methods that ``checks`` marks Check.NONE, and those ``base`` lacks, are left out.
+    """
     namespace: dict[str, Callable[..., Any]] = {}
     for name, params in methods.items():
         original = getattr(base, name, None)
-        if original is None:
+        chosen = checked(policy, checks.get(name, Check.POLICY)) if checks else policy
+        if original is None or chosen is None:
             continue
-        namespace[name] = policy.guard(original, name, params, name=name, record=record)
+        namespace[name] = chosen.guard(original, name, params, name=name, record=record)
     return namespace
 
 
@@ -63,8 +70,10 @@ def tracked_subclass(
     methods: tuple[tuple[str, str | None], ...],
     extra: tuple[tuple[str, Any], ...] = (),
     record: str = RECORD,
+    checks: tuple[tuple[str, Check], ...] = (),
 ) -> type:
-    """A subclass of ``base`` whose methods check ``policy``; cached per arguments.
+    """A subclass of ``base`` whose methods check ``policy`` (each as ``checks``
+    says, by default Check.POLICY); cached per arguments.
 
     Instances hold their record in the ``_sanitizer_record`` slot, unless
     ``record`` reads it from elsewhere (a derived object's parent), and report
@@ -79,7 +88,7 @@ def tracked_subclass(
         "__sanitizer_public_type__": getattr(base, "__sanitizer_public_type__", base),
         "__sanitizer_policy__": policy,
     }
-    namespace.update(guards(base, policy, dict(methods), record))
+    namespace.update(guards(base, policy, dict(methods), record, dict(checks)))
     namespace.update(extra)
     return type(base.__name__, (base,), namespace)
 

@@ -10,6 +10,7 @@ through; anything unusual goes to ``_slow_path``, which decides and reports.
 from __future__ import annotations
 
 import ast
+import enum
 import functools
 import inspect
 import os
@@ -69,6 +70,18 @@ if _g_record.busy is not None and _g_slow(self, _g_record, {operation!r}, _g_rec
 return {call}
 """
 
+# Operations a library allows from any thread, but not while another thread is
+# inside a call on the object: checked only when someone else may be inside.
+CONCURRENT = """\
+_g_record = {record}
+_g_me = _g_local.token
+_g_holder = _g_record.busy
+if (_g_holder is not None or _g_me is not _g_record.owner) and _g_slow(
+        self, _g_record, {operation!r}, _g_holder):
+    {reported}
+return {call}
+"""
+
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
 _g_record = {record}
@@ -83,11 +96,32 @@ RESERVED_PREFIX = "_g_"
 RECORD = "self._sanitizer_record"
 
 
+class Check(enum.Enum):
+    """How one operation of a tracked object is checked, under the object's policy.
+
+    Plugins choose per operation, following what the library itself allows.
+    """
+
+    #: The policy's own rule (strict: the owner thread only).
+    POLICY = "policy"
+    #: Allowed from any thread, but not while another thread is inside a call on
+    #: the object (reading and setting plain options, a backup's target).
+    CONCURRENT = "concurrent"
+    #: The policy's rule, except in a forked child, where it lets go of an
+    #: inherited object (close()) and is no more a use than finalization is.
+    RELEASE = "release"
+    #: Not checked: it touches nothing another thread's call could be using.
+    NONE = "none"
+
+
 class Policy:
     """How a tracked object may be used across threads. Subclasses set ``template``."""
 
     name: ClassVar[str] = "policy"
     template: ClassVar[str] = ENTER_EXIT
+    #: Whether this policy's guards decide by it rather than by the record's
+    #: policy (derived objects' guards normally follow the record they read).
+    own_verdict: ClassVar[bool] = False
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -100,6 +134,14 @@ class Policy:
         """
         if holder is FORKED or record.pid != token.pid:
             return "process"
+        return None
+
+    def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
+        """Who else is using the object, given what the guard saw (cold path)."""
+        return holder
+
+    def note(self, verdict: str, operation: str) -> str | None:
+        """What a report of ``verdict`` on ``operation`` should add about its consequence."""
         return None
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
@@ -152,10 +194,15 @@ class Policy:
                              wrapped=wrapped, record=record)
 
     @functools.cache  # noqa: B019 - policies are few and live for the process
-    def call_guard(self, operation: str) -> FunctionType:
-        """A guard ``(obj, func, *args, **kwargs)`` for checking one-off calls."""
+    def call_guard(self, operation: str, role: str | None = None) -> FunctionType:
+        """A guard ``(obj, func, *args, **kwargs)`` for checking one-off calls.
+
+        ``role`` names how the object takes part, when it is not the one whose
+        method was called ("the target of backup()").
+        """
+        namespace = {} if role is None else {"_g_slow": _slow_path_for(self, role)}
         return compile_guard(self, "_g_func(*args, **kwargs)", operation,
-                             "_g_func, /, *args, **kwargs", operation, {})
+                             "_g_func, /, *args, **kwargs", operation, namespace)
 
     def __repr__(self) -> str:
         return f"<policy {self.name}>"
@@ -202,9 +249,88 @@ class Process(Policy):
     template = PROCESS
 
 
+class ConcurrentUse(Policy):
+    """The CONCURRENT check: a violation only while another thread is inside a call.
+
+    Objects whose policy tracks the thread inside (exclusive) say who it is in
+    ``busy``; for the others (strict) the other threads' frames tell, on the cold
+    path: a guard frame on the same record is a call in progress. Reported as
+    ``exclusive``, the rule it breaks. Use after fork is left to the operations
+    that really touch the object.
+    """
+
+    name = "concurrent"
+    template = CONCURRENT
+    own_verdict = True
+
+    def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
+        if isinstance(holder, threads.ThreadToken) and holder is not token:
+            return holder
+        return thread_inside(record, token)
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        if record.sharing > 0 or not isinstance(holder, threads.ThreadToken):
+            return None
+        return None if holder is token else "exclusive"
+
+
+class Releasing(Policy):
+    """The RELEASE check: guards like ``base``'s, and the record's policy decides,
+    except that letting go of an inherited object in a forked child is allowed."""
+
+    own_verdict = True
+
+    def __init__(self, base: Policy) -> None:
+        self.base = base
+        self.template = base.template  # type: ignore[misc]
+        self.name = base.name  # type: ignore[misc]
+
+    def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
+        return (record.policy or self.base).holder(record, token, holder)
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        verdict = (record.policy or self.base).violated(record, token, holder, obj, operation)
+        return None if verdict == "process" else verdict
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name}, releasing>"
+
+
 STRICT_POLICY = Strict()
 EXCLUSIVE_POLICY = Exclusive()
 PROCESS_POLICY = Process()
+CONCURRENT_USE = ConcurrentUse()
+
+
+@functools.cache
+def checked(policy: Policy, check: Check) -> Policy | None:
+    """The policy that guards an operation checked as ``check`` under ``policy``
+    (None: leave it unguarded)."""
+    if check is Check.POLICY:
+        return policy
+    if check is Check.CONCURRENT:
+        return CONCURRENT_USE
+    if check is Check.RELEASE:
+        return Releasing(policy)
+    return None
+
+
+def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.ThreadToken | None:
+    """Another thread now inside a guarded call on ``record``, from its frames (cold path)."""
+    for ident, frame in sys._current_frames().items():
+        if ident == me.ident:
+            continue
+        for f in stacks.frames_of(frame):
+            if f.f_code.co_filename == stacks.GUARD_FILENAME and \
+                    f.f_locals.get("_g_record") is record:
+                return threads.token_of(ident)
+    return None
 
 _registry: dict[str, Policy] = {
     p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
@@ -228,27 +354,40 @@ def get(policy: str | Policy) -> Policy:
         ) from None
 
 
-def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object) -> bool:
+def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object,
+              deciding: Policy | None = None, role: str | None = None) -> bool:
     """Decide whether an unusual call is a violation, and report it.
 
-    True means the call is a violation (reported, or deduplicated, suppressed or
-    finalizing): guards then run it quietly, so that nested layers stay silent.
+    The record's policy decides, unless the guard's own does (``deciding``, for
+    a per-operation check). True means the call is a violation (reported, or
+    deduplicated, suppressed or finalizing): guards then run it quietly, so that
+    nested layers stay silent.
     """
-    policy = record.policy
-    if policy is None:  # untracked instance of a patched class
+    if record.policy is None:  # untracked instance of a patched class
         return False
+    policy = deciding or record.policy
     token = threads.local.token
     if token.quiet:  # beneath a call that was already reported
         return False
     if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
         token = threads.local.token = threads.ThreadToken()
+    holder = policy.holder(record, token, holder)
     violated = policy.violated(record, token, holder, obj, operation)
     if violated is None:
         return False
     from sanitizer import control  # cold path; control imports this module
 
-    control.violation(obj, record, operation, violated, token, holder)
+    control.violation(obj, record, operation, violated, token, holder, role=role,
+                      note=record.policy.note(violated, operation))
     return True
+
+
+def _slow_path_for(policy: Policy, role: str | None = None) -> Callable[..., bool]:
+    """The slow path a policy's guards call: deciding by that policy where it says so."""
+    if not policy.own_verdict and role is None:
+        return slow_path
+    return functools.partial(slow_path, deciding=policy if policy.own_verdict else None,
+                             role=role)
 
 
 def compile_guard(
@@ -262,7 +401,7 @@ def compile_guard(
     wrapped: Callable[..., Any] | None = None,
     record: str = RECORD,
 ) -> FunctionType:
-    scope = {"_g_local": threads.local, "_g_slow": slow_path, "_g_policy": policy,
+    scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
              "_g_operation": operation, **namespace}
     exec(_guard_module(policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
@@ -342,10 +481,19 @@ def call_arguments(params: str) -> str:
     return ", ".join(parts)
 
 
-def guarded_call(obj: object, operation: str, func: Callable[..., Any], *args: Any,
+def guarded_call(obj: object, operation: str, func: Callable[..., Any], /, *args: Any,
                  **kwargs: Any) -> Any:
     """Run ``func(*args, **kwargs)`` as a use of ``obj`` under its policy (if tracked)."""
     record = record_of(obj)
     if record is None or record.policy is None:
         return func(*args, **kwargs)
     return record.policy.call_guard(operation)(obj, func, *args, **kwargs)
+
+
+def concurrent_call(obj: object, operation: str, role: str, func: Callable[..., Any], /,
+                    *args: Any, **kwargs: Any) -> Any:
+    """Run ``func(*args, **kwargs)`` as a CONCURRENT use of ``obj`` in ``role`` (if tracked)."""
+    record = record_of(obj)
+    if record is None:
+        return func(*args, **kwargs)
+    return CONCURRENT_USE.call_guard(operation, role)(obj, func, *args, **kwargs)

@@ -7,9 +7,9 @@ from typing import Any
 
 import wrapt
 
-from sanitizer.instrument import Methods, public_methods
+from sanitizer.instrument import Checks, Methods, public_methods
 from sanitizer.ownership import OwnerRecord
-from sanitizer.policies import Policy, call_arguments, compile_guard
+from sanitizer.policies import Check, Policy, call_arguments, checked, compile_guard
 
 
 class TrackedProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
@@ -22,22 +22,29 @@ class TrackedProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
 
 @functools.cache
-def proxy_class(target: type, policy: Policy, methods: tuple[tuple[str, str | None], ...]) -> type:
-    """A TrackedProxy subclass whose listed methods check ``policy`` and forward."""
+def proxy_class(target: type, policy: Policy, methods: tuple[tuple[str, str | None], ...],
+                checks: tuple[tuple[str, Check], ...] = ()) -> type:
+    """A TrackedProxy subclass whose listed methods check ``policy`` (each as
+    ``checks`` says, by default Check.POLICY) and forward."""
     namespace: dict[str, Any] = {"__slots__": (), "__sanitizer_public_type__": target}
+    how = dict(checks)
     for name, params in methods:
+        chosen = checked(policy, how.get(name, Check.POLICY))
+        if chosen is None:
+            continue
         params = params if params is not None else "*args, **kwargs"
         call = f"self.__wrapped__.{name}({call_arguments(params)})"
-        namespace[name] = compile_guard(policy, call, name, params, name, {})
+        namespace[name] = compile_guard(chosen, call, name, params, name, {})
     return type(f"Tracked{target.__name__}Proxy", (TrackedProxy,), namespace)
 
 
-def make_proxy(obj: Any, record: OwnerRecord, methods: Methods | None = None) -> Any:
+def make_proxy(obj: Any, record: OwnerRecord, methods: Methods | None = None,
+               checks: Checks | None = None) -> Any:
     """Wrap ``obj`` in a proxy that checks ``record.policy`` on the given (or public) methods."""
     assert record.policy is not None
     chosen = methods if methods is not None else public_methods(type(obj))
     cls = proxy_class(type(obj), record.policy,  # type: ignore[arg-type]
-                      tuple(sorted(chosen.items())))
+                      tuple(sorted(chosen.items())), tuple(sorted((checks or {}).items())))
     proxy = cls(obj)
     proxy._sanitizer_record = record
     return proxy

@@ -44,6 +44,8 @@ class Violation:
     holder_stack: stacks.Stack = ()
     resource: dict[str, Any] | None = None
     args: dict[str, str] | None = None
+    #: How the object took part, when not as the one whose method was called.
+    role: str | None = None
 
     @property
     def creation_site(self) -> stacks.Frame | None:
@@ -92,6 +94,7 @@ class Violation:
             "holder_stack": stacks.as_dicts(self.holder_stack) if self.holder_stack else None,
             "resource": self.resource,
             "args": self.args,
+            "role": self.role,
         }
         fields.update((k, v) for k, v in optional.items() if v)
         return fields

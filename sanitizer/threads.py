@@ -32,6 +32,7 @@ class ThreadToken:
         self.name = thread.name
         self.thread: weakref.ref[threading.Thread] = weakref.ref(thread)
         self.quiet = 0  # > 0 inside a call already reported: nested layers stay silent
+        _by_ident[self.ident] = self
 
     @property
     def label(self) -> str:
@@ -58,6 +59,15 @@ class ThreadToken:
         return f"<ThreadToken {self.label} {self.current_name()!r} pid={self.pid}>"
 
 
+# The live token of each thread, for naming a thread found from its frames.
+_by_ident: weakref.WeakValueDictionary[int, ThreadToken] = weakref.WeakValueDictionary()
+
+
+def token_of(ident: int) -> ThreadToken | None:
+    """The token of the live thread with this ident, if it has one (cold path)."""
+    return _by_ident.get(ident)
+
+
 class _TokenLocal(threading.local):
     # threading.local calls __init__ on first access in each thread, so the hot
     # path can read ``local.token`` without a miss check.
@@ -75,6 +85,7 @@ def current() -> ThreadToken:
 
 def _renew_after_fork() -> None:
     # The child's only thread must not pass for its parent-side self.
+    _by_ident.clear()
     local.token = ThreadToken()
 
 
