@@ -15,8 +15,11 @@ Policies follow each driver's PEP 249 ``threadsafety``:
   INSERT is seen too); commit, rollback and close clear it. Cursors get their
   own ``exclusive`` record, which reports their connection's creation site.
 
-Every connection also reports use in a child after ``fork()``. Records carry
-``resource`` = driver, host, port and database, never the password.
+Every connection also reports use in a child after ``fork()``, closing
+included: unlike an inherited sqlite3 connection, closing a connection to a
+server in the child sends the protocol's terminate message over the socket the
+parent still uses, and the report says so. Records carry ``resource`` =
+driver, host, port and database, never the password.
 
 Mechanisms, cheapest first: psycopg2 and psycopg 3 get generated subclasses of
 the requested connection and cursor factories (``isinstance`` holds and the
@@ -48,6 +51,7 @@ from sanitizer.plugin import Context, Plugin
 from sanitizer.policies import (
     EXCLUSIVE_POLICY,
     PROCESS_POLICY,
+    Exclusive,
     Policy,
     compile_guard,
     register,
@@ -120,6 +124,29 @@ def _transaction_message(obj: object, operation: str, me: threads.ThreadToken,
             f"connection: it {effect} (transaction policy)")
 
 
+# Closing in a forked child is not letting go (as for sqlite3): it speaks the protocol.
+CLOSES = frozenset({"close"})
+CLOSE_IN_CHILD = ("closing it there sends the server the protocol's terminate message over "
+                  "the socket the parent still uses, which ends the parent's session; in the "
+                  "child, open new connections and leave inherited ones alone")
+
+
+def fork_note(verdict: str, operation: str) -> str | None:
+    """Why closing an inherited connection in a child is reported at all."""
+    return CLOSE_IN_CHILD if verdict == "process" and operation in CLOSES else None
+
+
+class DriverExclusive(Exclusive):
+    """Exclusive, for connections to a server: says why closing in a forked child harms."""
+
+    def note(self, verdict: str, operation: str) -> str | None:
+        return fork_note(verdict, operation)
+
+
+# Connections of drivers at threadsafety < 2 (their cursors share the record).
+DRIVER_EXCLUSIVE = DriverExclusive()
+
+
 class TransactionPolicy(Policy):
     """Connections of drivers at threadsafety >= 2: shared, but not inside another's transaction.
 
@@ -132,6 +159,9 @@ class TransactionPolicy(Policy):
 
     def __init__(self, status: Status | None = None) -> None:
         self.status = status
+
+    def note(self, verdict: str, operation: str) -> str | None:
+        return fork_note(verdict, operation)
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
         me = threads.local.token
@@ -507,7 +537,7 @@ def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], 
                 original(self, *args, **kwargs)
                 return
             # Set before the driver connects: __init__ calls guarded methods itself.
-            record = _connection_record(self, EXCLUSIVE_POLICY)
+            record = _connection_record(self, DRIVER_EXCLUSIVE)
             if record.policy is not None:
                 self.__dict__["_sanitizer_record"] = record
             original(self, *args, **kwargs)
@@ -669,7 +699,7 @@ def _generic_installer(module_name: str) -> Callable[[ModuleType, Context], None
     def install(module: ModuleType, context: Context) -> None:
         level = getattr(module, "threadsafety", 1)
         shared = not isinstance(level, int) or level < 2
-        policy = EXCLUSIVE_POLICY if shared else TRANSACTION_POLICY
+        policy = DRIVER_EXCLUSIVE if shared else TRANSACTION_POLICY
         stacks.add_library(module_name)
 
         def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...],

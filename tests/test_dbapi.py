@@ -565,6 +565,34 @@ def test_fork_is_caught(sanitized: None, postgresql_server: Any, log_file: Path,
     assert sanitizer.violations() == []
 
 
+def test_closing_an_inherited_connection_in_a_child_is_reported_with_why(
+        driver: Driver, log_file: Path) -> None:
+    # Unlike sqlite3's, closing a server connection in a forked child speaks the
+    # protocol (terminate / COM_QUIT) over the parent's socket.
+    conn = driver.connect()
+    assert record_of(conn) is not None
+    with _raising():  # stopped before anything reaches the parent's socket
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                conn.close()
+            except sanitizer.ThreadAffinityError:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    [event] = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert (event["policy"], event["operation"], event["pid"]) == ("process", "close", pid)
+    assert "inherited across fork()" in event["message"]
+    assert "terminate message over the socket the parent still uses" in event["message"]
+    cur = conn.cursor()  # the parent's session is intact
+    cur.execute("SELECT 1")
+    assert rows(cur.fetchall()) == [(1,)]
+    conn.close()
+
+
 def test_generic_driver_keeps_its_type(sanitized: None, postgresql_server: Any) -> None:
     pg8000 = pytest.importorskip("pg8000")
     kwargs = dict(postgresql_server.kwargs)

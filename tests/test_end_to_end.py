@@ -123,6 +123,36 @@ def test_fork_is_caught_in_the_child_and_written_before_os_exit(tmp_path: Path) 
     assert "inherited across fork()" in record["message"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_closing_an_inherited_connection_in_a_child_is_letting_go(tmp_path: Path) -> None:
+    # diskcache: "If the process ID changes, close the connection". Dropping the
+    # reference would close it the same way, silently.
+    source = """
+        import os, sqlite3
+        from sanitizer.ownership import record_of
+        conn = sqlite3.connect(":memory:")
+        cur = conn.execute("select 1")
+        pid = os.fork()
+        if pid == 0:
+            assert record_of(conn) is not None  # tracked in the child too
+            cur.close()
+            conn.close()  # let go
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        print(conn.execute("select 2").fetchone()[0])
+    """
+    proc, records = run_program(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"
+    assert records == []
+    # Using it in the child is still reported (the same program otherwise).
+    used = source.replace("cur.close()", "cur.fetchall()  # used")
+    _, [record] = run_program(tmp_path, used)
+    assert (record["policy"], record["operation"]) == ("process", "fetchall")
+    assert record["access_stack"][0]["line"] == line_of(used, "used")
+
+
 def test_dedup_counts_repeats_of_one_site(tmp_path: Path) -> None:
     source = """
         import sqlite3, threading
