@@ -243,15 +243,22 @@ class Sanitizer:
     # -- exit and fork ---------------------------------------------------------------
 
     def _at_exit(self) -> None:
+        # Inside the program's exit: each step is guarded on its own, nothing escapes.
         reporter = self.reporter
-        lines = reporter.exit_summary()
-        if lines:
-            os.write(2, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
-        if reporter.total and self.options.log_file:
-            reporter.logger.info(
-                "thread_affinity_summary", total=reporter.total,
-                violations=[{"summary": v.summary, "count": v.count}
-                            for v in reporter.unique_violations()])
+        try:
+            lines = reporter.exit_summary()
+            if lines:
+                reporter.write_summary(lines)
+        except Exception as exc:
+            reporter.internal_error(exc, "writing the exit summary")
+        try:
+            if reporter.total and self.options.log_file:
+                reporter.logger.info(
+                    "thread_affinity_summary", total=reporter.total,
+                    violations=[{"summary": v.summary, "count": v.count}
+                                for v in reporter.unique_violations()])
+        except Exception as exc:
+            reporter.internal_error(exc, "logging the exit summary")
         code = self.options.exitcode
         if reporter.total and code is not None:
             for stream in (sys.stdout, sys.stderr):

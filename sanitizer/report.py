@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import fnmatch
 import os
 import sys
@@ -185,18 +187,101 @@ class LineWriter:
 
     A single write of a whole line, on an O_APPEND descriptor, keeps lines from
     many threads and processes whole, and survives a following ``os._exit``.
+
+    It writes only to the descriptor it opened itself: a program may close it or
+    reuse its number (a daemon's ``closerange``, a ``dup2``), so the descriptor is
+    checked before each write (writes are rare: one per unique violation) and
+    reopened if it is no longer ours. A line that cannot be written is counted as
+    lost, said once on fd 2, and never raised into the program.
     """
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, path: str | None) -> None:
+        self.path = path  # None: stderr
+        self.name = path or "stderr"
+        self.lost = 0
+        self.failure: OSError | None = None
+        # One check-reopen-write at a time (no leaked reopens); reentrant, so that a
+        # signal handler reporting in the middle of a write cannot deadlock the program.
+        self._lock = threading.RLock()
+        self.fd = self._open()  # an OSError here, at start, is a bad path failing early
+        self._identity = _identity(self.fd)
 
-    def msg(self, message: str) -> None:
-        data = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    def _open(self) -> int:
+        """A new descriptor for our destination, close-on-exec: children never inherit it."""
+        if self.path is None:
+            # Reports go to stderr, even if the program later rebinds sys.stderr.
+            return fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 0)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return os.open(self.path, flags, 0o644)
+
+    def _ensure_ours(self) -> None:
+        """Reopen if the program closed our descriptor or put a file of its own under it."""
+        try:
+            if _identity(self.fd) == self._identity:
+                return
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        # The old number is the program's now (or free): never write to it or close it.
+        self.fd = self._open()
+        self._identity = _identity(self.fd)
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to our destination, or raise the OSError."""
+        self._ensure_ours()
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
 
+    def msg(self, message: str) -> None:
+        """Write one event line; if it cannot be written, count it as lost instead."""
+        data = _line(message)
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._write(data)
+                    return
+                except OSError as exc:  # ENOSPC, EPIPE, EIO, a failed reopen, ...
+                    self.failure = exc
+                    self._say_failure(exc)
+            self.lost += 1
+
     warning = error = info = critical = debug = msg
+
+    def write_text(self, text: str) -> None:
+        """Lines that are not reports (the exit summary): best effort, not counted."""
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._write(_line(text))
+                except OSError:
+                    pass
+
+    def _say_failure(self, exc: OSError) -> None:
+        """The first loss is said once, on fd 2; later ones only count."""
+        notice = (f"sanitizer: cannot write reports to {self.name}: {exc}; "
+                  "further reports are counted, not written")
+        try:
+            os.write(2, _line(notice))
+        except OSError:
+            pass  # stderr may be the very destination that broke
+
+    def reset_after_fork(self) -> None:
+        """A child counts (and says) its own losses; the lock may have been held at fork."""
+        self._lock = threading.RLock()
+        self.lost = 0
+        self.failure = None
+
+
+def _line(text: str) -> bytes:
+    """One line, encoded: what a single write sends."""
+    return (text.rstrip("\n") + "\n").encode("utf-8", "replace")
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """Which file a descriptor is open on."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) -> str:
@@ -265,22 +350,20 @@ def processors(fmt: str) -> list[Callable[..., Any]]:
     ]
 
 
-def open_output(options: Options) -> tuple[int, str]:
-    """The descriptor events go to, and their format (opened at start: a bad path fails early)."""
-    if options.log_file:
-        fd = os.open(options.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    else:
-        fd = os.dup(2)  # stderr, even if the program later rebinds sys.stderr
-    fmt = options.format or ("console" if not options.log_file and os.isatty(fd) else "json")
-    return fd, fmt
+def open_output(options: Options) -> tuple[LineWriter, str]:
+    """Where events go, and their format (opened at start: a bad path fails early)."""
+    writer = LineWriter(options.log_file or None)
+    fmt = options.format or ("console" if not options.log_file and os.isatty(writer.fd)
+                             else "json")
+    return writer, fmt
 
 
-def build_logger(fd: int, fmt: str) -> Any:
+def build_logger(writer: LineWriter, fmt: str) -> Any:
     """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
     import structlog
 
     return structlog.wrap_logger(
-        LineWriter(fd),
+        writer,
         processors=processors(fmt),
         wrapper_class=structlog.BoundLogger,
         context_class=dict,
@@ -300,7 +383,7 @@ class Reporter:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.rules = load_suppressions(options.suppressions) if options.suppressions else []
-        self._output = open_output(options)
+        self.output, self._format = open_output(options)
         self._logger: Any = None
         self.unique: dict[tuple[object, ...], Violation] = {}
         self.listeners: list[Listener] = []
@@ -312,7 +395,7 @@ class Reporter:
     def logger(self) -> Any:
         """The structlog pipeline, built at the first event."""
         if self._logger is None:
-            self._logger = build_logger(*self._output)
+            self._logger = build_logger(self.output, self._format)
         return self._logger
 
     def handle(self, violation: Violation) -> None:
@@ -375,13 +458,27 @@ class Reporter:
             lines.append("sanitizer: suppressions that never matched:")
             lines += [f"  {r.origin}: {r.kind}:{r.pattern}"
                       + (f":{r.line}" if r.line is not None else "") for r in unused]
+        if self.output.lost:
+            lines.append(f"sanitizer: {self.output.lost} report(s) could not be written "
+                         f"to {self.output.name}")
         return lines
+
+    def write_summary(self, lines: list[str]) -> None:
+        """The exit summary, to stderr, by the same checked path as reports; never raises."""
+        stderr = self.output
+        if self.output.path is not None:
+            try:
+                stderr = LineWriter(None)  # the log file is elsewhere; at exit, once
+            except OSError:
+                return  # fd 2 is closed: nowhere to say it
+        stderr.write_text("\n".join(lines))
 
     def reset_after_fork(self) -> None:
         """A child reports its own violations; the parent's are not repeated at its exit."""
         self._lock = threading.Lock()
         self.unique = {}
         self.total = 0
+        self.output.reset_after_fork()
         for rule in self.rules:
             rule.hits = 0
 
