@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import fnmatch
 import os
 import sys
@@ -209,8 +208,9 @@ class LineWriter:
     def _open(self) -> int:
         """A new descriptor for our destination, close-on-exec: children never inherit it."""
         if self.path is None:
-            # Reports go to stderr, even if the program later rebinds sys.stderr.
-            return fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 0)
+            # Reports go to stderr, even if the program later rebinds sys.stderr;
+            # os.dup's copy is non-inheritable (PEP 446), i.e. close-on-exec.
+            return os.dup(2)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         return os.open(self.path, flags, 0o644)
 
