@@ -58,9 +58,12 @@ CONNECTION_CHECKS: dict[str, Check] = {
     "interrupt": NONE,
 }
 # Attributes: (read, set); None for read-only ones. Reads of plain settings and
-# counters touch nothing a call in progress is using.
+# counters touch nothing a call in progress is using. A call in progress reads
+# text_factory for every row it fetches, and isolation_level for the transaction
+# it opens; row_factory is copied into each new cursor, so a query under way
+# keeps its own.
 CONNECTION_ATTRIBUTES: dict[str, tuple[Check, Check | None]] = {
-    "row_factory": (NONE, CONCURRENT), "text_factory": (NONE, CONCURRENT),
+    "row_factory": (NONE, NONE), "text_factory": (NONE, CONCURRENT),
     "isolation_level": (NONE, CONCURRENT), "in_transaction": (NONE, None),
     "total_changes": (NONE, None), "autocommit": (POLICY, POLICY),
 }

@@ -106,6 +106,8 @@ class Violation:
 
 @dataclasses.dataclass
 class Rule:
+    """One suppression: ``kind:pattern`` (``site``-like kinds may end in ``:LINE``)."""
+
     kind: str
     pattern: str
     line: int | None
@@ -117,8 +119,10 @@ class Rule:
             return fnmatch.fnmatchcase(violation.object_type, self.pattern)
         if self.kind == "policy":
             return fnmatch.fnmatchcase(violation.policy, self.pattern)
-        frames = (*violation.access_stack, *violation.creation_stack)
-        if self.kind == "site":
+        scope, _, what = self.kind.rpartition("-")
+        frames = {"access": violation.access_stack, "creation": violation.creation_stack,
+                  "": (*violation.access_stack, *violation.creation_stack)}[scope]
+        if what == "site":
             return any(self._site_matches(*stacks.location(frame)) for frame in frames)
         return any(fnmatch.fnmatchcase(name, self.pattern)
                    for code, _ in frames for name in _function_names(code))
@@ -129,8 +133,15 @@ class Rule:
         return fnmatch.fnmatchcase(filename, self.pattern) or fnmatch.fnmatchcase(
             filename, "*/" + self.pattern.lstrip("/"))
 
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.pattern}" + (f":{self.line}" if self.line is not None else "")
 
-RULE_KINDS = ("site", "object", "function", "policy")
+
+# access-*: a frame of the stack that touched the object; creation-*: of the stack
+# that made it. site and function match either stack: a rule meant for the line of
+# a use also matches every object created there, so the scoped forms are better.
+RULE_KINDS = ("access-site", "creation-site", "access-function", "creation-function",
+              "object", "policy", "site", "function")
 
 
 def _function_names(code: Any) -> tuple[str, ...]:
@@ -170,7 +181,7 @@ def load_suppressions(path: str) -> list[Rule]:
                 f"suppressions={path}:{number}: bad rule {text!r}; expected KIND:PATTERN "
                 f"with KIND one of: {', '.join(RULE_KINDS)}", key="suppressions", value=text)
         line = None
-        if kind == "site":
+        if kind.endswith("site"):
             head, sep, tail = pattern.rpartition(":")
             if sep and tail.isdigit():
                 pattern, line = head, int(tail)
@@ -456,8 +467,7 @@ class Reporter:
         unused = [r for r in self.rules if not r.hits]
         if unused and (self.unique or self.total or self.rules):
             lines.append("sanitizer: suppressions that never matched:")
-            lines += [f"  {r.origin}: {r.kind}:{r.pattern}"
-                      + (f":{r.line}" if r.line is not None else "") for r in unused]
+            lines += [f"  {r.origin}: {r}" for r in unused]
         if self.output.lost:
             lines.append(f"sanitizer: {self.output.lost} report(s) could not be written "
                          f"to {self.output.name}")

@@ -286,10 +286,11 @@ class TestReports:
     def test_setting_an_option_while_the_owner_is_inside_a_call_is_reported(
             self, sanitized: Sanitized) -> None:
         owner = Busy()
-        with owner.inside():  # the owner runs a query; this thread changes a setting
-            owner.conn.row_factory = sqlite3.Row  # concurrent
+        with owner.inside():  # the owner fetches rows; this thread changes how they decode
+            owner.conn.text_factory = bytes  # concurrent
+            owner.conn.row_factory = sqlite3.Row  # each cursor has its own: not a race
         [record] = sanitized.records()
-        assert (record["policy"], record["operation"]) == ("exclusive", "row_factory")
+        assert (record["policy"], record["operation"]) == ("exclusive", "text_factory")
         assert record["holder_thread"]["name"] == "owner"
         assert record["owner_thread"]["name"] == "owner"
         assert "while thread T" in record["message"] and "'owner' is inside a call" in \

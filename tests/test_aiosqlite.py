@@ -1,0 +1,137 @@
+"""aiosqlite, as its README uses it: a worker thread owns each connection; the loop's thread
+reads and sets its options. Silent where plain sqlite3 allows it, caught where it races."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from conftest import Sanitized
+
+import sanitizer
+from sanitizer.ownership import record_of
+
+HERE = str(Path(__file__).resolve())
+
+
+class Held:
+    """A query that the worker thread stays inside until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def hold(self) -> int:
+        self.entered.set()
+        self.release.wait(10)
+        return 1
+
+
+def test_options_and_counters_from_the_loop_are_silent(sanitized: Sanitized) -> None:
+    async def main() -> None:
+        async with aiosqlite.connect(":memory:") as db:
+            assert record_of(db._conn) is not None  # tracked, so that this could fail
+            db.row_factory = aiosqlite.Row
+            db.text_factory = str
+            db.isolation_level = "DEFERRED"
+            assert (db.in_transaction, db.total_changes) == (False, 0)
+            await db.execute("create table t(x)")
+            await db.execute("insert into t values (1)")
+            assert db.in_transaction and db.total_changes == 1
+            await db.commit()
+            async with db.execute("select x from t") as cursor:
+                assert [tuple(row) for row in await cursor.fetchall()] == [(1,)]
+    asyncio.run(main())
+    assert sanitized.records() == []
+
+
+def test_backup_between_two_workers_is_silent(sanitized: Sanitized) -> None:
+    async def main() -> None:
+        async with aiosqlite.connect(":memory:") as source, \
+                aiosqlite.connect(":memory:") as target:
+            await source.execute("create table t(x)")
+            await source.execute("insert into t values (7)")
+            await source.commit()
+            assert record_of(target._conn) is not None
+            await source.backup(target)  # in source's worker; target is another worker's
+            assert await target.execute_fetchall("select x from t") == [(7,)]
+    asyncio.run(main())
+    assert sanitized.records() == []
+
+
+def test_the_loop_using_the_connection_during_a_query_is_caught(sanitized: Sanitized) -> None:
+    held = Held()
+
+    async def main() -> None:
+        async with aiosqlite.connect(":memory:") as db:
+            await db.create_function("hold", 0, held.hold)
+            query = asyncio.ensure_future(db.execute_fetchall("select hold()"))
+            await asyncio.to_thread(held.entered.wait, 10)  # the worker is inside the query
+            try:
+                with pytest.raises(sqlite3.ProgrammingError):
+                    db._conn.execute("select 1")  # statement on the loop's thread
+                db.text_factory = bytes  # changes how the rows under way decode
+            finally:
+                held.release.set()
+            assert await query == [(1,)]
+    asyncio.run(main())
+    found = [(r["policy"], r["operation"]) for r in sanitized.records()]
+    assert found == [("strict", "execute"), ("exclusive", "text_factory")]
+    strict, concurrent = sanitized.records()
+    assert strict["access_stack"][0]["file"] == HERE
+    assert strict["thread"]["name"] == "MainThread"
+    assert "_connection_worker_thread" in strict["owner_thread"]["name"]
+    assert concurrent["holder_thread"]["name"] == strict["owner_thread"]["name"]
+
+
+class TestScopedSuppressions:
+    """A rule about aiosqlite's own uses must not hide a race in the user's code."""
+
+    def race(self, enable: Any, tmp_path: Path, rule: str) -> list[dict[str, Any]]:
+        rules = tmp_path / "rules.txt"
+        rules.write_text(rule + "\n")
+        run = enable(suppressions=str(rules))
+        held = Held()
+
+        async def main() -> None:
+            async with aiosqlite.connect(":memory:") as db:
+                await db.create_function("hold", 0, held.hold)
+                query = asyncio.ensure_future(db.execute_fetchall("select hold()"))
+                await asyncio.to_thread(held.entered.wait, 10)
+                try:
+                    with pytest.raises(sqlite3.ProgrammingError):
+                        db._conn.execute("select 1")  # the genuine race
+                finally:
+                    held.release.set()
+                await query
+        asyncio.run(main())
+        records: list[dict[str, Any]] = run.records()
+        return records
+
+    def test_access_site_rule_keeps_the_race(self, enable: Any, tmp_path: Path) -> None:
+        records = self.race(enable, tmp_path, "access-site:*/aiosqlite/core.py")
+        assert [(r["policy"], r["operation"]) for r in records] == [("strict", "execute")]
+        unused = "\n".join(sanitizer_running().reporter.exit_summary())
+        assert "access-site:*/aiosqlite/core.py" in unused  # it never matched
+
+    def test_creation_site_rule_hides_it(self, enable: Any, tmp_path: Path) -> None:
+        # Every aiosqlite connection is created in aiosqlite/core.py.
+        assert self.race(enable, tmp_path, "creation-site:*/aiosqlite/core.py") == []
+
+    def test_unscoped_site_rule_matches_either_stack(self, enable: Any, tmp_path: Path) -> None:
+        assert self.race(enable, tmp_path, "site:*/aiosqlite/core.py") == []
+
+    def test_access_function_rule(self, enable: Any, tmp_path: Path) -> None:
+        name = "TestScopedSuppressions.race.<locals>.main"
+        assert self.race(enable, tmp_path, f"access-function:{name}") == []
+        sanitizer.disable()
+        assert self.race(enable, tmp_path, f"creation-function:{name}") != []
+
+
+def sanitizer_running() -> Any:
+    from sanitizer import control
+    return control.running()
