@@ -153,6 +153,35 @@ def test_closing_an_inherited_connection_in_a_child_is_letting_go(tmp_path: Path
     assert record["access_stack"][0]["line"] == line_of(used, "used")
 
 
+def test_what_sqlite3_allows_from_another_thread_is_silent(tmp_path: Path) -> None:
+    # The issue's reproduction (aiosqlite's properties), and backup() into a
+    # connection that another, idle, thread owns; then one real cross-thread use.
+    source = """
+        import sqlite3, threading
+        from sanitizer.ownership import record_of
+        box = {}
+        t = threading.Thread(target=lambda: box.update(conn=sqlite3.connect(":memory:")))
+        t.start(); t.join()
+        conn = box["conn"]
+        assert record_of(conn) is not None
+        print(conn.in_transaction, conn.total_changes, repr(conn.isolation_level))
+        conn.row_factory = sqlite3.Row
+        source = sqlite3.connect(":memory:")
+        source.execute("create table t(x)")
+        source.backup(conn)
+        try:
+            conn.execute("select 1")  # used
+        except sqlite3.ProgrammingError as exc:
+            print(type(exc).__name__)
+    """
+    proc, records = run_program(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "0", "''", "ProgrammingError"]
+    [record] = records
+    assert (record["policy"], record["operation"]) == ("strict", "execute")
+    assert record["access_stack"][0]["line"] == line_of(source, "used")
+
+
 def test_dedup_counts_repeats_of_one_site(tmp_path: Path) -> None:
     source = """
         import sqlite3, threading
