@@ -1,4 +1,4 @@
-"""Policies (strict, exclusive, process, ...) and the guards that enforce them on calls.
+"""Policies (strict, exclusive, process, ...), per-operation checks, and the guards on calls.
 
 A guard is a small function generated from its policy's template with the exact
 signature of the method it protects, the way ``dataclasses`` generates
@@ -332,6 +332,7 @@ def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.Threa
                 return threads.token_of(ident)
     return None
 
+
 _registry: dict[str, Policy] = {
     p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
 
@@ -479,15 +480,6 @@ def call_arguments(params: str) -> str:
     if spec.kwarg:
         parts.append("**" + spec.kwarg.arg)
     return ", ".join(parts)
-
-
-def guarded_call(obj: object, operation: str, func: Callable[..., Any], /, *args: Any,
-                 **kwargs: Any) -> Any:
-    """Run ``func(*args, **kwargs)`` as a use of ``obj`` under its policy (if tracked)."""
-    record = record_of(obj)
-    if record is None or record.policy is None:
-        return func(*args, **kwargs)
-    return record.policy.call_guard(operation)(obj, func, *args, **kwargs)
 
 
 def concurrent_call(obj: object, operation: str, role: str, func: Callable[..., Any], /,
