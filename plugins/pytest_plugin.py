@@ -821,7 +821,8 @@ class _Plugin:
                 run.add(violation, violation.thread_name, origin, self.seq)
 
     # A test without violations costs two plain hooks (setup, and logreport per
-    # phase), each a few attribute reads: this runs for every test of a suite.
+    # phase), each a few attribute reads, and per phase one lseek on the channel
+    # (about 3.5K instructions): this runs for every test of a suite.
     # (A makereport wrapper would hand over the call, but pluggy's generator
     # protocol costs twice as much as a plain hook.)
 

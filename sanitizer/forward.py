@@ -1,13 +1,12 @@
 """Forwarding violations from child processes to the process that collects them, through a file."""
 
+# Every Sanitizer.start() imports this module: json, tempfile and shutil are
+# imported where they are needed, and no dataclass is built at import.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import weakref
 from types import CodeType
@@ -119,6 +118,8 @@ class Forwarder:
             self._refs[key] = ref  # after the write: a failed one is retried in full
 
     def _write(self, record: dict[str, Any]) -> None:
+        import json
+
         data = (json.dumps(record, default=repr, separators=(",", ":")) + "\n").encode(
             "utf-8", "replace")
         fd = self._descriptor()
@@ -154,7 +155,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # -- the collector's side -----------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class ForwardedViolation(Violation):
     """A violation that a child process forwarded: its fields, pid, thread, origin and sites.
 
@@ -163,11 +163,15 @@ class ForwardedViolation(Violation):
     ``event()`` gives the child's own fields.
     """
 
-    child_pid: int = 0
-    thread_name: str = ""
-    origin: str | None = None  # the child's PYTEST_CURRENT_TEST when it was started
-    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-    sites: tuple[stacks.Frame | None, stacks.Frame | None] = (None, None)  # creation, access
+    def __init__(self, *, child_pid: int, thread_name: str, origin: str | None,
+                 fields: dict[str, Any], sites: tuple[stacks.Frame | None, stacks.Frame | None],
+                 **values: Any) -> None:
+        super().__init__(**values)
+        self.child_pid = child_pid
+        self.thread_name = thread_name
+        self.origin = origin  # the child's PYTEST_CURRENT_TEST when it was started
+        self.fields = fields
+        self.sites = sites  # (creation, access)
 
     @property
     def creation_site(self) -> stacks.Frame | None:
@@ -189,9 +193,7 @@ class ForwardedViolation(Violation):
         return (nodeid, phase.rstrip(")")) if sep and nodeid else None
 
 
-_VIOLATION_FIELDS = {f.name for f in dataclasses.fields(Violation)}
 _STACK_FIELDS = ("creation_stack", "access_stack", "holder_stack")
-_TEMPLATE = compile("", "<forwarded>", "exec")
 _codes: dict[tuple[str, int, str], CodeType] = {}
 
 
@@ -203,8 +205,8 @@ def _frame(data: Any) -> stacks.Frame | None:
              str(data.get("function", "<unknown>")))
     code = _codes.get(where)
     if code is None:
-        code = _TEMPLATE.replace(co_filename=where[0], co_firstlineno=max(where[1], 0),
-                                 co_name=where[2])
+        code = compile("", "<forwarded>", "exec").replace(
+            co_filename=where[0], co_firstlineno=max(where[1], 0), co_name=where[2])
         if sys.version_info >= (3, 11):  # the child wrote co_qualname: "Class.method"
             code = code.replace(co_name=where[2].rpartition(".")[2], co_qualname=where[2])
         _codes[where] = code
@@ -214,7 +216,8 @@ def _frame(data: Any) -> stacks.Frame | None:
 def violation_of(record: dict[str, Any]) -> ForwardedViolation:
     """The ForwardedViolation that a full record describes (ValueError etc. if it is not one)."""
     fields = record["violation"]
-    values = {k: v for k, v in fields.items() if k in _VIOLATION_FIELDS}
+    names = {f.name for f in dataclasses.fields(Violation)}
+    values = {k: v for k, v in fields.items() if k in names}
     for name in _STACK_FIELDS:
         frames = (_frame(f) for f in fields.get(name) or ())
         values[name] = tuple(f for f in frames if f is not None)
@@ -238,6 +241,8 @@ class Channel:
     """
 
     def __init__(self) -> None:
+        import tempfile
+
         self.pid = os.getpid()
         self.directory = tempfile.mkdtemp(prefix="sanitize-threads-")
         self.path = os.path.join(self.directory, "forwarded.jsonl")
@@ -257,6 +262,8 @@ class Channel:
         size = os.lseek(fd, 0, os.SEEK_END)  # the size, a third of what os.fstat costs
         if size <= self._offset:
             return []
+        import json
+
         data = os.pread(fd, size - self._offset, self._offset)
         self._offset += len(data)
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -287,4 +294,6 @@ class Channel:
             os.environ.pop(ENV_VAR, None)
         else:
             os.environ[ENV_VAR] = self._previous
+        import shutil
+
         shutil.rmtree(self.directory, ignore_errors=True)
