@@ -634,7 +634,11 @@ class _Plugin:
         _stack.append(self)
         # Announced before the sanitizer starts, which then forwards from forked
         # children; spawned ones with SANITIZE_THREADS inherit the announcement.
-        self.channel = forward.Channel()
+        try:
+            self.channel = forward.Channel()
+        except OSError as exc:  # no usable temporary directory: the rest still works
+            _say(self.config, f"sanitize-threads: violations in child processes will not be "
+                              f"collected: {exc}")
         self.attach(control.enable(self.runtime_options))
 
     def attach(self, sanitizer: Sanitizer) -> None:

@@ -252,6 +252,7 @@ class Channel:
         self._offset = 0
         self._partial = b""
         self._records: dict[str, ForwardedViolation] = {}
+        self._reading = threading.Lock()
         self._previous = os.environ.get(ENV_VAR)
         os.environ[ENV_VAR] = f"{self.pid}:{self.path}"
 
@@ -262,25 +263,25 @@ class Channel:
         size = os.lseek(fd, 0, os.SEEK_END)  # the size, a third of what os.fstat costs
         if size <= self._offset:
             return []
+        with self._reading:  # taken only when there is something to read
+            data = os.pread(fd, max(size - self._offset, 0), self._offset)
+            self._offset += len(data)
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            return [v for v in map(self._parse, lines) if v is not None]
+
+    def _parse(self, line: bytes) -> ForwardedViolation | None:
         import json
 
-        data = os.pread(fd, size - self._offset, self._offset)
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        found: list[ForwardedViolation] = []
-        for line in lines:
-            try:
-                item = json.loads(line)
-                if "again" in item:
-                    found.append(self._records[item["again"]])
-                    continue
-                violation = violation_of(item)
-            except Exception:
-                self.skipped += 1
-                continue
-            self._records[str(item["ref"])] = violation
-            found.append(violation)
-        return found
+        try:
+            item = json.loads(line)
+            if "again" in item:
+                return self._records[item["again"]]
+            violation = violation_of(item)
+        except Exception:
+            self.skipped += 1
+            return None
+        self._records[str(item["ref"])] = violation
+        return violation
 
     def close(self) -> None:
         """Remove the file, and announce again what was announced before; safe to call twice."""
