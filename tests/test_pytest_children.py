@@ -449,10 +449,14 @@ def test_xdist_workers_collect_their_own_tests_children(suite: pytest.Pytester) 
         test_a=fork_test.format(name="a"),
         test_b=fork_test.format(name="b"),
         test_c='''
-            from helpers import fork
+            import os
+            from helpers import fork, note
 
             def test_quiet_fork():
                 fork(lambda: None)
+                collector = os.environ["SANITIZE_THREADS_FORWARD"].partition(":")[0]
+                note("announced", int(collector))
+                note("worker", os.getpid())
         ''',
     )
     result = suite.runpytest_subprocess("-n", "2", "--sanitize-threads", *REPORTS)
@@ -471,6 +475,25 @@ def test_xdist_workers_collect_their_own_tests_children(suite: pytest.Pytester) 
     ])
     properties = junit_properties(suite.path / "junit.xml")
     assert properties["test_quiet_fork"] == []
+    # the worker that ran the test collects (the controller runs no tests, and no channel)
+    assert pid_of(suite, "announced") == pid_of(suite, "worker")
+
+
+def test_an_in_process_run_restores_the_announcement_and_removes_its_channel(
+        suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANITIZE_THREADS_FORWARD", "1:/an/outer/collector")
+    suite.makepyfile('''
+        import os
+        from pathlib import Path
+
+        def test_records_the_announcement():
+            Path("announced").write_text(os.environ["SANITIZE_THREADS_FORWARD"])
+    ''')
+    suite.runpytest("--sanitize-threads").assert_outcomes(passed=1)
+    collector, _, path = (suite.path / "announced").read_text().partition(":")
+    assert (int(collector), Path(path).name) == (os.getpid(), "forwarded.jsonl")
+    assert not Path(path).parent.exists()
+    assert os.environ["SANITIZE_THREADS_FORWARD"] == "1:/an/outer/collector"
 
 
 # -- the channel itself ---------------------------------------------------------------------
