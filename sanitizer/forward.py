@@ -4,6 +4,7 @@
 # imported where they are needed, and no dataclass is built at import.
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import sys
@@ -255,6 +256,7 @@ class Channel:
         self._reading = threading.Lock()
         self._previous = os.environ.get(ENV_VAR)
         os.environ[ENV_VAR] = f"{self.pid}:{self.path}"
+        atexit.register(self.close)  # a collector that ends without close() leaves nothing
 
     def poll(self) -> list[ForwardedViolation]:
         fd = self._fd
@@ -289,6 +291,7 @@ class Channel:
             return
         os.close(self._fd)
         self._fd = -1
+        atexit.unregister(self.close)
         if os.getpid() != self.pid:
             return  # a forked copy: the file is the collector's
         if self._previous is None:

@@ -587,3 +587,27 @@ def test_channel_collects_whole_lines_from_many_children(tmp_path: Path) -> None
     assert out["policies"] == ["process"] and out["skipped"] == 0
     assert out["partial"] == 0 and out["completed"] == [True]
     assert out["late"] == "ok" and out["removed"] and out["restored"] == "outer"
+
+
+def test_a_collector_that_ends_without_close_leaves_nothing(tmp_path: Path) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent('''
+        import os
+        from sanitizer import forward
+
+        channel = forward.Channel()
+        print(channel.directory, flush=True)
+        pid = os.fork()
+        if pid == 0:
+            raise SystemExit(0)  # a forked copy's exit handlers leave the collector's file alone
+        os.waitpid(pid, 0)
+        print(os.path.exists(channel.path), flush=True)
+        raise RuntimeError("the collector ends without close()")
+    '''))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANITIZE_THREADS")}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert "RuntimeError" in proc.stderr
+    directory, still_there = proc.stdout.split()
+    assert still_there == "True"
+    assert not Path(directory).exists()
