@@ -58,6 +58,17 @@ session: the terminal summary lists it under "outside any test", it goes into
 the JSON report with ``"nodeid": null``, and the exit status becomes 1 (tests
 failed) if it would have been 0.
 
+Child processes
+---------------
+Violations in children, forked (``os.fork()``, ``multiprocessing``'s fork
+context) or spawned with ``SANITIZE_THREADS`` inherited, are forwarded to the
+process that runs the tests, through a file it names in
+``SANITIZE_THREADS_FORWARD`` (one write per violation: a child's ``os._exit()``
+loses nothing). Each phase picks up what arrived; a violation then counts as a
+thread's would, for the test that started the child, or marked ``in child
+process PID started during <phase> of <earlier test>``; records have its
+``child_pid``. The parent's settings for the test apply.
+
 Per test
 --------
 ``@pytest.mark.sanitize_threads(False)`` opts a test out: its violations are
@@ -128,6 +139,7 @@ import pytest
 
 if TYPE_CHECKING:
     from sanitizer.control import Sanitizer
+    from sanitizer.forward import Channel, ForwardedViolation
     from sanitizer.options import Options
     from sanitizer.report import Rule, Violation
 
@@ -341,6 +353,11 @@ class ThreadViolation:
         self.expected = False
 
     @property
+    def child_pid(self) -> int | None:
+        """The pid of the child process it happened in, if it was forwarded from one."""
+        return getattr(self.violation, "child_pid", None)
+
+    @property
     def policy(self) -> str:
         return self.violation.policy
 
@@ -389,6 +406,7 @@ class ThreadViolations(list[ThreadViolation]):
         return _Expectation(self, {k: v for k, v in criteria.items() if v is not None})
 
     def _consume(self, since: int, criteria: dict[str, Any]) -> list[ThreadViolation]:
+        self._run.plugin.poll_children(self._run)  # what children forwarded so far
         with self._run.plugin.lock:
             found = [v for v in self if v.seq > since and v.matches(
                 criteria.get("policy"), criteria.get("object_type"),
@@ -583,6 +601,8 @@ class _Plugin:
         self.controller = False
         self.sanitizer: Sanitizer | None = None
         self._control: Any = None  # sanitizer.control, once started
+        self.pid = os.getpid()  # a forked child has a copy of this object
+        self.channel: Channel | None = None  # where child processes forward their violations
         self.session_run = _TestRun(self, None, self.base)
         self.current: _TestRun | None = None
         self.records: list[dict[str, Any]] = []  # what the summary and the JSON report show
@@ -603,7 +623,7 @@ class _Plugin:
         return dataclasses.replace(self.options, action=action, exitcode=None)
 
     def start(self) -> None:
-        from sanitizer import control, stacks
+        from sanitizer import control, forward, stacks
 
         self._control = control
         for directory in _pytest_dirs():  # stacks stop at pytest's machinery
@@ -612,6 +632,13 @@ class _Plugin:
             _stack[-1].detach()
         control.disable()  # the .pth's, or an outer session's: exactly one runs
         _stack.append(self)
+        # Announced before the sanitizer starts, which then forwards from forked
+        # children; spawned ones with SANITIZE_THREADS inherit the announcement.
+        try:
+            self.channel = forward.Channel()
+        except OSError as exc:  # no usable temporary directory: the rest still works
+            _say(self.config, f"sanitize-threads: violations in child processes will not be "
+                              f"collected: {exc}")
         self.attach(control.enable(self.runtime_options))
 
     def attach(self, sanitizer: Sanitizer) -> None:
@@ -641,6 +668,9 @@ class _Plugin:
         """Undo start() and the session's patches; safe to call twice."""
         while self._restore:
             self._restore.pop()()
+        if self.channel is not None:  # before an outer session's sanitizer starts again
+            self.channel.close()
+            self.channel = None
         if self not in _stack:
             return
         innermost = _stack[-1] is self
@@ -663,6 +693,9 @@ class _Plugin:
             self._wrap_excepthook()
         except Exception as exc:
             self.internal_error(exc, "sessionstart")
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.poll_children(self.current or self.session_run)  # children started while collecting
 
     def internal_error(self, exc: Exception, where: str) -> None:
         """A bug in this plugin: said once per kind, and the test run goes on.
@@ -725,16 +758,27 @@ class _Plugin:
         """Reporter listener: runs in the violating thread for every unsuppressed occurrence."""
         thread = threading.current_thread()
         origin = getattr(thread, _ORIGIN, None)
-        with self.lock:
+        record: ThreadViolation | None = None
+        if os.getpid() != self.pid:
+            # A forked child's copy of the plugin: the sanitizer forwards the
+            # violation to this process's original, where it counts. Here only
+            # the test's action applies, without the lock (a thread of the
+            # parent may have held it at fork()).
             run = self.current or self.session_run
             settings = run.settings
             if not settings.admits(violation):
                 return
-            if origin is not None and origin[0] == run.nodeid:
-                origin = None
-            self.seq += 1
-            record = run.add(violation, thread.name, origin, self.seq)
-        if "warn" in settings.action and record.count == 1:
+        else:
+            with self.lock:
+                run = self.current or self.session_run
+                settings = run.settings
+                if not settings.admits(violation):
+                    return
+                if origin is not None and origin[0] == run.nodeid:
+                    origin = None
+                self.seq += 1
+                record = run.add(violation, thread.name, origin, self.seq)
+        if "warn" in settings.action and (first if record is None else record.count == 1):
             from sanitizer import stacks
             from sanitizer.exceptions import ThreadAffinityWarning
 
@@ -746,12 +790,43 @@ class _Plugin:
 
             error = ThreadAffinityError(violation)
             setattr(error, _OURS, True)
-            with self.lock:
-                run.raised.append(error)
+            if record is not None:
+                with self.lock:
+                    run.raised.append(error)
             raise error
 
+    def poll_children(self, run: _TestRun) -> None:
+        """Take what child processes forwarded since the last look (never raises)."""
+        channel = self.channel
+        if channel is None:
+            return
+        try:
+            found = channel.poll()  # one lseek when there is nothing: runs every phase
+            if found:
+                self._take_forwarded(run, found)
+        except Exception as exc:
+            self.internal_error(exc, "taking violations from child processes")
+
+    def _take_forwarded(self, run: _TestRun, found: list[ForwardedViolation]) -> None:
+        """Attribute children's violations as a thread's: to ``run``, in its current phase,
+        marked with the test that started the child if that was an earlier one."""
+        rules = self.sanitizer.reporter if self.sanitizer is not None else None
+        settings = run.settings
+        for violation in found:
+            # The session's suppressions too: a spawned child may run with other options.
+            if not settings.admits(violation) or (rules is not None
+                                                  and rules.suppressed(violation)):
+                continue
+            origin = violation.origin_test
+            if origin is not None and origin[0] == run.nodeid:
+                origin = None
+            with self.lock:
+                self.seq += 1
+                run.add(violation, violation.thread_name, origin, self.seq)
+
     # A test without violations costs two plain hooks (setup, and logreport per
-    # phase), each a few attribute reads: this runs for every test of a suite.
+    # phase), each a few attribute reads, and per phase one lseek on the channel
+    # (about 3.5K instructions): this runs for every test of a suite.
     # (A makereport wrapper would hand over the call, but pluggy's generator
     # protocol costs twice as much as a plain hook.)
 
@@ -801,6 +876,8 @@ class _Plugin:
                     self.internal_error(exc, "taking a worker's records")
             return
         when = report.when
+        if self.channel is not None:
+            self.poll_children(run)  # before the phase's failures are decided
         new: list[ThreadViolation] = []
         if when == "teardown":
             with self.lock:  # later violations are the next test's, or the session's
@@ -851,7 +928,7 @@ class _Plugin:
     def _fail(self, report: pytest.TestReport, run: _TestRun,
               records: list[ThreadViolation]) -> None:
         raised = _failure_keys(report, run.raised) if run.raised else set()
-        records = [r for r in records if r.violation.key not in raised]
+        records = [r for r in records if r.child_pid is not None or r.violation.key not in raised]
         if not records:
             return  # the ThreadAffinityError that failed the test says it already
         report.sections.append((f"Thread-affinity violations ({report.when})",
@@ -890,6 +967,7 @@ class _Plugin:
             "when": record.when,
             "expected": record.expected,
             "thread_name": record.thread,
+            "child_pid": record.child_pid,
             "origin": ({"nodeid": record.origin[0], "when": record.origin[1]}
                        if record.origin else None),
             "worker": self.config.workerinput["workerid"] if self.worker  # type: ignore[attr-defined]
@@ -907,10 +985,12 @@ class _Plugin:
             if site:
                 lines.append(f"{label} {self._path(site['file'])}:{site['line']} in "
                              f"{site['function']}")
-        if data.get("origin"):
-            origin = data["origin"]
-            lines.append(f"in thread {data.get('thread_name')!r} started during "
-                         f"{origin['when']} of {origin['nodeid']}")
+        origin = data.get("origin")
+        started = f" started during {origin['when']} of {origin['nodeid']}" if origin else ""
+        if data.get("child_pid") is not None:
+            lines.append(f"in child process {data['child_pid']}{started}")
+        elif origin:
+            lines.append(f"in thread {data.get('thread_name')!r}{started}")
         return lines
 
     def _path(self, filename: str) -> str:
@@ -922,9 +1002,12 @@ class _Plugin:
 
         data = self._as_dict(record, None)
         text = render_console(None, "warning", data)
-        if record.origin:
-            text += (f"\n  (in thread {record.thread!r}, started during {record.origin[1]} of "
-                     f"{record.origin[0]})")
+        started = (f", started during {record.origin[1]} of {record.origin[0]}"
+                   if record.origin else "")
+        if record.child_pid is not None:
+            text += f"\n  (in child process {record.child_pid}{started})"
+        elif record.origin:
+            text += f"\n  (in thread {record.thread!r}{started})"
         return text
 
     def _take(self, data: dict[str, Any]) -> None:
@@ -953,6 +1036,10 @@ class _Plugin:
         with self.lock:
             self.session_run.when = "session end"
         yield
+        self.poll_children(self.current or self.session_run)  # children that outlived the tests
+        if self.channel is not None and self.channel.skipped:
+            self.internal_error(ValueError(f"{self.channel.skipped} line(s) were not violation "
+                                           "records"), "reading what child processes forwarded")
         try:
             if self.worker:
                 self.config.workeroutput[WORKER_OUTPUT] = json.dumps(  # type: ignore[attr-defined]

@@ -50,6 +50,9 @@ class Sanitizer:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
+        from sanitizer import forward
+
+        forward.install(self.reporter)  # a collecting parent announced: children forward to it
         for plugin in self.plugins:
             self._activate(plugin)
         for spec in self.options.track:
