@@ -100,7 +100,8 @@ is off.
 
 Reports
 -------
-The terminal summary lists the violations per test (headline and sites).
+The terminal summary lists the violations per test (headline and sites), and
+the suppression rules (the session's and the markers') that never matched.
 ``--sanitize-threads-report=PATH`` (relative to the directory pytest was started
 in) writes every record (the event's fields as in ``log_file``, plus the test's
 node id, phase, whether it was expected, and for xdist the worker) as one JSON
@@ -130,7 +131,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -149,6 +150,7 @@ INI = "sanitize_threads"
 MARKER = "sanitize_threads"
 PROPERTY = "thread_affinity_violation"
 WORKER_OUTPUT = "sanitize_threads"
+WORKER_RULES = "sanitize_threads_rules"  # each worker's suppression hits, by origin
 MARKER_KEYS = ("action", "suppressions", "policy")
 ENV_VAR = "SANITIZE_THREADS"  # sanitizer.options.ENV_VAR, without importing it
 
@@ -477,10 +479,16 @@ class _Settings:
             wanted = [p for p in self.policies if not p.startswith("-")]
             if "-" + name in self.policies or (wanted and name not in wanted):
                 return False
-        return not any(rule.matches(violation) for rule in self.rules)
+        for rule in self.rules:
+            if rule.matches(violation):
+                rule.hits += 1
+                return False
+        return True
 
 
-def _settings_for(item: pytest.Item, base: _Settings, options: Options) -> _Settings:
+def _settings_for(item: pytest.Item, base: _Settings, options: Options,
+                  load: Callable[[str], tuple[Rule, ...]]) -> _Settings:
+    """The test's settings from its markers; ``load`` reads a suppressions file."""
     markers = list(item.iter_markers(MARKER))
     if not markers:
         return base
@@ -502,7 +510,7 @@ def _settings_for(item: pytest.Item, base: _Settings, options: Options) -> _Sett
     if not enabled:
         return _Settings(enabled=False)
     from sanitizer import options as opts
-    from sanitizer import policies, report
+    from sanitizer import policies
 
     try:
         action = opts.from_kwargs({"action": values["action"]}, base=options,
@@ -510,7 +518,7 @@ def _settings_for(item: pytest.Item, base: _Settings, options: Options) -> _Sett
         rules = base.rules
         if values.get("suppressions"):
             path = Path(item.path).parent / str(values["suppressions"])
-            rules = (*rules, *report.load_suppressions(str(path)))
+            rules = (*rules, *load(str(path)))
         names = base.policies
         if values.get("policy"):
             text = values["policy"]
@@ -610,6 +618,10 @@ class _Plugin:
         self._restore: list[Callable[[], None]] = []
         self._marked_parents: dict[pytest.Collector, bool] = {}
         self._internal_errors: set[tuple[str, str]] = set()
+        # Suppressions: markers' files, read once (their rules count hits across
+        # tests), and how often each rule matched (origin -> [rule, hits]).
+        self._rule_files: dict[str, tuple[Rule, ...]] = {}
+        self.rule_hits: dict[str, list[Any]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -642,6 +654,8 @@ class _Plugin:
         self.attach(control.enable(self.runtime_options))
 
     def attach(self, sanitizer: Sanitizer) -> None:
+        if self.sanitizer is not None and self.sanitizer is not sanitizer:
+            self.count_rules(self.sanitizer.reporter.rules)  # a test switched it off
         self.sanitizer = sanitizer
         sanitizer.reporter.listeners.append(self.on_violation)
 
@@ -653,9 +667,33 @@ class _Plugin:
     def detach(self) -> None:
         from sanitizer import control
 
-        if self.sanitizer is not None and self.sanitizer is control.running():
-            control.disable()
+        if self.sanitizer is not None:
+            self.count_rules(self.sanitizer.reporter.rules)  # a new sanitizer counts anew
+            if self.sanitizer is control.running():
+                control.disable()
         self.sanitizer = None
+
+    def rules_in(self, path: str) -> tuple[Rule, ...]:
+        """A marker's suppressions file, read once per session."""
+        rules = self._rule_files.get(path)
+        if rules is None:
+            from sanitizer import report
+
+            rules = self._rule_files[path] = tuple(report.load_suppressions(path))
+        return rules
+
+    def count_rules(self, rules: Iterable[Rule]) -> None:
+        """Add these rules' hits to the session's tally, and reset them."""
+        for rule in rules:
+            entry = self.rule_hits.setdefault(rule.origin, [str(rule), 0])
+            entry[1] += rule.hits
+            rule.hits = 0
+
+    def _tally_rules(self) -> None:
+        if self.sanitizer is not None:
+            self.count_rules(self.sanitizer.reporter.rules)
+        for rules in self._rule_files.values():
+            self.count_rules(rules)
 
     def configure(self) -> None:
         self.worker = hasattr(self.config, "workerinput")
@@ -839,11 +877,11 @@ class _Plugin:
                 self._resume()
             for mark in item.own_markers:
                 if mark.name == MARKER:
-                    settings = _settings_for(item, self.base, self.options)
+                    settings = _settings_for(item, self.base, self.options, self.rules_in)
                     break
             else:
                 if self._parent_marked(item.parent):
-                    settings = _settings_for(item, self.base, self.options)
+                    settings = _settings_for(item, self.base, self.options, self.rules_in)
         except Exception as exc:
             self.internal_error(exc, "runtest_setup")
         # A plain assignment: a violation in another thread sees either no test
@@ -1026,6 +1064,8 @@ class _Plugin:
         try:
             for data in json.loads(output.get(WORKER_OUTPUT, "[]")):
                 self._take(data)
+            for origin, (rule, hits) in json.loads(output.get(WORKER_RULES, "{}")).items():
+                self.rule_hits.setdefault(origin, [rule, 0])[1] += int(hits)
         except Exception as exc:
             self.internal_error(exc, "taking a worker's session records")
 
@@ -1041,9 +1081,11 @@ class _Plugin:
             self.internal_error(ValueError(f"{self.channel.skipped} line(s) were not violation "
                                            "records"), "reading what child processes forwarded")
         try:
+            self._tally_rules()
             if self.worker:
-                self.config.workeroutput[WORKER_OUTPUT] = json.dumps(  # type: ignore[attr-defined]
-                    self._session_records(), default=repr)
+                output = self.config.workeroutput  # type: ignore[attr-defined]
+                output[WORKER_OUTPUT] = json.dumps(self._session_records(), default=repr)
+                output[WORKER_RULES] = json.dumps(self.rule_hits)
             else:
                 self._finish(session)
         except Exception as exc:
@@ -1084,6 +1126,11 @@ class _Plugin:
             self.internal_error(exc, "terminal summary")
 
     def _summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        unused = [(origin, rule) for origin, (rule, hits) in self.rule_hits.items() if not hits]
+        if unused:  # stale rules get noticed, as at the end of a program
+            terminalreporter.write_line("sanitize-threads: suppressions that never matched:")
+            for origin, rule in unused:
+                terminalreporter.write_line(f"  {origin}: {rule}")
         failing = [r for r in self.records if not r.get("expected")]
         if not failing:
             return

@@ -760,6 +760,36 @@ class TestMarker:
         result.assert_outcomes(passed=1, failed=1)
         result.stdout.fnmatch_lines(["FAILED sub/test_s.py::test_not_known*"])
 
+    @pytest.mark.parametrize("workers", [[], ["-n", "2"]] if HAS_XDIST else [[]],
+                             ids=["in-process", "xdist"][:2 if HAS_XDIST else 1])
+    def test_suppressions_that_never_matched_are_listed(self, suite: pytest.Pytester,
+                                                        workers: list[str]) -> None:
+        (suite.path / "session.txt").write_text(
+            "access-function:test_session_rule.*\naccess-site:*/nowhere.py\n")
+        (suite.path / "marker.txt").write_text("object:sqlite3.*\npolicy:no-such-policy\n")
+        suite.makepyfile(test_rules='''
+            import pytest
+            from helpers import connect, in_thread
+
+            def test_session_rule():
+                conn = connect()
+                in_thread(lambda: conn.execute("select 1"))
+
+            @pytest.mark.sanitize_threads(suppressions="marker.txt")
+            def test_marker_rule():
+                conn = connect()
+                in_thread(lambda: conn.execute("select 1"))
+        ''')
+        result = suite.runpytest(*workers, "--sanitize-threads=suppressions=session.txt")
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines([
+            "sanitize-threads: suppressions that never matched:",
+            "  *session.txt:2: access-site:[*]/nowhere.py",
+            "  *marker.txt:2: policy:no-such-policy",
+        ])
+        listed = result.stdout.str().split("never matched:")[1]
+        assert "test_session_rule" not in listed and "object:sqlite3" not in listed
+
     def test_policy_per_test(self, suite: pytest.Pytester) -> None:
         suite.makepyfile('''
             import pytest
