@@ -12,6 +12,7 @@ from typing import Any
 import aiosqlite
 import pytest
 from conftest import Sanitized
+from support import line_of, run_program
 
 import sanitizer
 from sanitizer.ownership import record_of
@@ -130,6 +131,36 @@ class TestScopedSuppressions:
         assert self.race(enable, tmp_path, f"access-function:{name}") == []
         sanitizer.disable()
         assert self.race(enable, tmp_path, f"creation-function:{name}") != []
+
+
+def test_scoped_rule_in_a_program_under_sanitize_threads(tmp_path: Path) -> None:
+    (tmp_path / "rules.txt").write_text("access-site:*/aiosqlite/core.py\n")
+    source = """
+        import asyncio, sqlite3, threading
+        import aiosqlite
+        entered, release = threading.Event(), threading.Event()
+        def hold():
+            entered.set(); release.wait(10); return 1
+        async def main():
+            async with aiosqlite.connect(":memory:") as db:
+                db.row_factory = aiosqlite.Row  # aiosqlite's own: silent
+                await db.create_function("hold", 0, hold)
+                query = asyncio.ensure_future(db.execute_fetchall("select hold()"))
+                await asyncio.to_thread(entered.wait, 10)
+                try:
+                    db._conn.execute("select 1")  # the race
+                except sqlite3.ProgrammingError:
+                    pass
+                release.set()
+                await query
+        asyncio.run(main())
+    """
+    proc, records = run_program(tmp_path, source, "suppressions=rules.txt")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["policy"], r["operation"]) for r in records] == [("strict", "execute")]
+    assert records[0]["access_stack"][0]["line"] == line_of(source, "the race")
+    assert "suppressions that never matched" in proc.stderr
+    assert "access-site:*/aiosqlite/core.py" in proc.stderr
 
 
 def sanitizer_running() -> Any:
