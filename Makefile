@@ -8,7 +8,7 @@ SOURCES := pyproject.toml sanitizer.pth $(shell find sanitizer plugins -name '*.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 CORE_TESTS := tests/test_api.py tests/test_end_to_end.py tests/test_sqlite3_plugin.py
 
-.PHONY: install demo test test-pythons lint bench bench-pytest realworld realworld-aiosqlite clean
+.PHONY: install demo test test-pythons lint bench bench-instructions bench-pytest realworld realworld-aiosqlite clean
 
 # The package is installed as a real wheel (not editable): that is what users
 # get, it maps plugins/ to sanitizer.plugins, and it installs sanitizer.pth.
@@ -55,6 +55,10 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_sqlite.py --fast
+
+# The same per-call overheads as instruction counts (callgrind): stable on a busy machine.
+bench-instructions: install
+	$(PY) benchmarks/bench_sqlite.py --instructions
 
 # pytest --sanitize-threads against plain pytest on 2,000 generated sqlite tests
 # (a few minutes; --instructions needs valgrind).

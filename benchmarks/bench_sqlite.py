@@ -6,6 +6,13 @@ installed but switched off: the .pth line costs one environ lookup.
 
     python benchmarks/bench_sqlite.py            # quick (pyperf --fast)
     python benchmarks/bench_sqlite.py --rigorous # slower, tighter
+    python benchmarks/bench_sqlite.py --instructions
+
+``--instructions`` counts instructions per call with valgrind's callgrind
+instead of timing: the difference between a program making N calls and one
+making none, divided by N. A count, not a time, so it is the same however busy
+the machine is; on a shared 2-core machine identical timing runs differ by more
+than the overhead measured here.
 """
 
 from __future__ import annotations
@@ -59,7 +66,68 @@ def startup_commands(workdir: Path) -> dict[str, list[str]]:
     }
 
 
+# Per-call operations for --instructions: (what, setup, statement), on ``conn``.
+OPERATIONS = (
+    ("conn.execute", "", "conn.execute('select 1')"),
+    ("cursor.execute+fetchall", "cur = conn.cursor()",
+     "cur.execute('select 1'); cur.fetchall()"),
+    ("conn.in_transaction (not checked)", "", "conn.in_transaction"),
+    ("conn.text_factory = str (concurrent)", "", "conn.text_factory = str"),
+)
+PROGRAM = """
+import os, sqlite3, sys
+import sanitizer
+sanitizer.enable(log_file=os.devnull)
+variant, index, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conn = (sqlite3.Connection(":memory:") if variant == "raw" else
+        sqlite3.connect(":memory:", check_same_thread=variant == "strict"))
+setup, statement = {operations}[index]
+exec(setup)
+code = compile("for _ in range(calls):\\n    " + statement, "<bench>", "exec")
+exec(code)
+"""
+
+
+def count(variant: str, index: int, calls: int) -> int:
+    """Instructions callgrind counts for the whole program (``calls`` of operation ``index``)."""
+    import re
+    import subprocess
+
+    program = PROGRAM.format(operations=[(o[1], o[2]) for o in OPERATIONS])
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # dict layouts, so counts, repeat
+    env.pop("SANITIZE_THREADS", None)
+    done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                           sys.executable, "-c", program, variant, str(index), str(calls)],
+                          env=env, capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())  # not the source tree: the installed package
+    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if done.returncode != 0 or not match:
+        sys.exit(f"callgrind run failed:\n{done.stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def instructions(calls: int = 20_000) -> None:
+    """Per-call instructions of each operation, raw and tracked, and the ratio."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    variants = ("raw", "strict", "exclusive")
+    runs = [(v, i, n) for i in range(len(OPERATIONS)) for v in variants for n in (0, calls)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not mind sharing a CPU
+        counted = dict(zip(runs, pool.map(lambda run: count(*run), runs), strict=True))
+    print(f"Instructions per call (callgrind; {calls:,} calls minus none):")
+    for index, (label, _, _) in enumerate(OPERATIONS):
+        per_call = {v: (counted[v, index, calls] - counted[v, index, 0]) / calls
+                    for v in variants}
+        base = per_call["raw"]
+        print(f"  {label:<38} raw {base:7.0f}" + "".join(
+            f"   {v} {per_call[v]:7.0f} (+{per_call[v] - base:5.0f}, x{per_call[v] / base:.2f})"
+            for v in ("strict", "exclusive")))
+
+
 def main() -> None:
+    if "--instructions" in sys.argv:
+        instructions()
+        return
     runner = pyperf.Runner()
     runner.metadata["description"] = __doc__.splitlines()[0]
     os.environ.pop("SANITIZE_THREADS", None)
