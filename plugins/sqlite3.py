@@ -9,7 +9,9 @@ sqlite3.Cursor likewise; only ``Blob``, which cannot be subclassed, is a proxy.
 
 Policy: ``strict`` with ``check_same_thread=True`` (the default), written before
 sqlite3 raises its own ProgrammingError; ``exclusive`` with
-``check_same_thread=False``. Both report use in a child after ``fork()``.
+``check_same_thread=False``. Both report use in a child after ``fork()``. The
+tables below say how each operation is checked under that policy, following
+what CPython's sqlite3 itself allows from another thread.
 """
 
 from __future__ import annotations
