@@ -10,7 +10,10 @@ import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
 
 Records = list[dict[str, Any]]
 
@@ -70,3 +73,24 @@ def in_thread(target: Callable[[], Any], name: str = "other") -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def pytester_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, helpers: str,
+                   *ini_lines: str) -> pytest.Pytester:
+    """A pytester directory with ``helpers.py``, an ini file, and no sanitizer, xdist or
+    PYTEST_ADDOPTS settings inherited from the environment this suite runs in."""
+    for name in list(os.environ):
+        if name.startswith(("SANITIZE_THREADS", "PYTEST_XDIST", "PYTEST_ADDOPTS")):
+            monkeypatch.delenv(name)
+    pytester.makepyfile(helpers=helpers)
+    make_ini(pytester, *ini_lines)
+    return pytester
+
+
+def make_ini(pytester: pytest.Pytester, *lines: str) -> None:
+    """The pytester run's ini file; pytest-asyncio's default loop scope set, if installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest_asyncio") is not None:
+        lines += ("asyncio_default_fixture_loop_scope = function",)
+    pytester.makeini("\n".join(("[pytest]", *lines, "")))

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import pytester_suite
 
 pytest_plugins = ["pytester"]
 
 HAS_XDIST = importlib.util.find_spec("xdist") is not None
-HAS_ASYNCIO = importlib.util.find_spec("pytest_asyncio") is not None
 
 HELPERS = '''
 import os
@@ -50,15 +50,7 @@ def note(name, pid):
 @pytest.fixture
 def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory with the helpers, and no sanitizer or xdist settings inherited."""
-    for name in list(os.environ):
-        if name.startswith(("SANITIZE_THREADS", "PYTEST_XDIST", "PYTEST_ADDOPTS")):
-            monkeypatch.delenv(name)
-    pytester.makepyfile(helpers=HELPERS)
-    lines = ["[pytest]"]
-    if HAS_ASYNCIO:
-        lines.append("asyncio_default_fixture_loop_scope = function")
-    pytester.makeini("\n".join([*lines, ""]))
-    return pytester
+    return pytester_suite(pytester, monkeypatch, HELPERS)
 
 
 def pid_of(suite: pytest.Pytester, name: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sqlite3  # noqa: F401 - see below
 import sys
@@ -19,6 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from support import make_ini, pytester_suite
 
 # pytester's in-process runs drop from sys.modules what was first imported during
 # a run. sqlite3 (above) and the sanitizer's modules are imported here, before any
@@ -74,18 +74,7 @@ def test_shared():
 @pytest.fixture
 def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory with the helpers, and no sanitizer or xdist settings inherited."""
-    for name in list(os.environ):
-        if name.startswith(("SANITIZE_THREADS", "PYTEST_XDIST", "PYTEST_ADDOPTS")):
-            monkeypatch.delenv(name)
-    pytester.makepyfile(helpers=HELPERS)
-    make_ini(pytester)
-    return pytester
-
-
-def make_ini(pytester: pytest.Pytester, *lines: str) -> None:
-    if HAS_ASYNCIO:
-        lines += ("asyncio_default_fixture_loop_scope = function",)
-    pytester.makeini("\n".join(("[pytest]", *lines, "")))
+    return pytester_suite(pytester, monkeypatch, HELPERS)
 
 
 def line_of(path: Path, marker: str) -> int:
