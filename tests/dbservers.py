@@ -340,17 +340,20 @@ def mariadb_server() -> Iterator[DBServer]:
     lap = _timed("mariadb")
     owner = _owner("mysql")
     password = secrets.token_hex(16)
-    # --no-defaults everywhere: a developer's /etc/mysql or ~/.my.cnf must not leak in.
-    common = [
-        "--no-defaults",
-        "--innodb-buffer-pool-size=16M",
-        "--innodb-log-file-size=8M",
-        "--innodb-use-native-aio=0",  # io_setup/io_uring are often refused in containers
-        "--innodb-flush-log-at-trx-commit=0",
-        "--skip-log-bin",
-    ]
     with _workdir("mariadb", owner) as base:
         data = base / "data"
+        # --no-defaults everywhere: a developer's /etc/mysql or ~/.my.cnf must not leak in.
+        # A private tmpdir for every step: set-ups running side by side (xdist workers)
+        # in a shared /tmp failed now and then ("Error on delete of '/tmp/#sql-temptable-...").
+        common = [
+            "--no-defaults",
+            f"--tmpdir={base}",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-log-file-size=8M",
+            "--innodb-use-native-aio=0",  # io_setup/io_uring are often refused in containers
+            "--innodb-flush-log-at-trx-commit=0",
+            "--skip-log-bin",
+        ]
         _run(
             [
                 install_db,
@@ -389,7 +392,6 @@ def mariadb_server() -> Iterator[DBServer]:
                 "--skip-name-resolve",
                 f"--socket={base / 'mariadbd.sock'}",
                 f"--pid-file={base / 'mariadbd.pid'}",
-                f"--tmpdir={base}",
                 "--performance-schema=OFF",
             ]
 
