@@ -142,7 +142,8 @@ if TYPE_CHECKING:
     from sanitizer.control import Sanitizer
     from sanitizer.forward import Channel, ForwardedViolation
     from sanitizer.options import Options
-    from sanitizer.report import Rule, Violation
+    from sanitizer.report import Violation
+    from sanitizer.suppressions import Rule
 
 OPTION = "--sanitize-threads"
 REPORT_OPTION = "--sanitize-threads-report"
@@ -677,9 +678,9 @@ class _Plugin:
         """A marker's suppressions file, read once per session."""
         rules = self._rule_files.get(path)
         if rules is None:
-            from sanitizer import report
+            from sanitizer.suppressions import load_suppressions
 
-            rules = self._rule_files[path] = tuple(report.load_suppressions(path))
+            rules = self._rule_files[path] = tuple(load_suppressions(path))
         return rules
 
     def count_rules(self, rules: Iterable[Rule]) -> None:
@@ -992,7 +993,7 @@ class _Plugin:
 
     def _as_dict(self, record: ThreadViolation, nodeid: str | None) -> dict[str, Any]:
         from sanitizer import stacks
-        from sanitizer.report import EVENT
+        from sanitizer.render import EVENT
 
         violation = record.violation
         event = violation.event()
@@ -1036,7 +1037,7 @@ class _Plugin:
         return filename[len(root):] if filename.startswith(root) else filename
 
     def _render(self, record: ThreadViolation) -> str:
-        from sanitizer.report import render_console
+        from sanitizer.render import render_console
 
         data = self._as_dict(record, None)
         text = render_console(None, "warning", data)

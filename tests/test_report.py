@@ -13,7 +13,7 @@ from structlog.testing import LogCapture, capture_logs
 from support import in_thread
 
 import sanitizer
-from sanitizer import report
+from sanitizer import render
 
 
 def violation_event() -> dict[str, Any]:
@@ -25,16 +25,16 @@ def violation_event() -> dict[str, Any]:
         with pytest.raises(sqlite3.ProgrammingError):
             holder["c"].execute("select 1")
         [violation] = sanitizer.violations()
-        return {"event": report.EVENT, **violation.event()}
+        return {"event": render.EVENT, **violation.event()}
     finally:
         sanitizer.disable()
 
 
 def test_pipeline_adds_level_and_timestamp_before_rendering() -> None:
     capture = LogCapture()
-    chain = [*report.processors("json")[:-1], capture]  # our processors, a capturing sink
+    chain = [*render.processors("json")[:-1], capture]  # our processors, a capturing sink
     logger = structlog.wrap_logger(None, processors=chain, wrapper_class=structlog.BoundLogger)
-    logger.warning(report.EVENT, **{k: v for k, v in violation_event().items() if k != "event"})
+    logger.warning(render.EVENT, **{k: v for k, v in violation_event().items() if k != "event"})
     [entry] = capture.entries
     assert entry["event"] == "thread_affinity_violation"
     assert entry["level"] == "warning" and entry["timestamp"].endswith("Z")
@@ -42,13 +42,13 @@ def test_pipeline_adds_level_and_timestamp_before_rendering() -> None:
 
 
 def test_json_renderer_writes_one_line() -> None:
-    line = report.processors("json")[-1](None, "warning", violation_event())
+    line = render.processors("json")[-1](None, "warning", violation_event())
     assert "\n" not in line
     assert json.loads(line)["operation"] == "execute"
 
 
 def test_console_renderer_names_both_sides() -> None:
-    text = report.render_console(None, "warning", violation_event())
+    text = render.render_console(None, "warning", violation_event())
     assert text.splitlines()[1].startswith("WARNING: thread-affinity violation (strict)")
     assert "'maker'" in text and "'MainThread'" in text and "SUMMARY:" in text
 

@@ -1,0 +1,204 @@
+"""Renderers (a console report for people, JSON lines for machines) and the sink they write to."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sanitizer import stacks
+from sanitizer.options import Options
+
+EVENT = "thread_affinity_violation"
+
+
+class LineWriter:
+    """structlog's logger at the end of our pipeline: one ``os.write`` per event.
+
+    A single write of a whole line, on an O_APPEND descriptor, keeps lines from
+    many threads and processes whole, and survives a following ``os._exit``.
+
+    It writes only to the descriptor it opened itself: a program may close it or
+    reuse its number (a daemon's ``closerange``, a ``dup2``), so the descriptor is
+    checked before each write (writes are rare: one per unique violation) and
+    reopened if it is no longer ours. A line that cannot be written is counted as
+    lost, said once on fd 2, and never raised into the program.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path  # None: stderr
+        self.name = path or "stderr"
+        self.lost = 0
+        self.failure: OSError | None = None
+        # One check-reopen-write at a time (no leaked reopens); reentrant, so that a
+        # signal handler reporting in the middle of a write cannot deadlock the program.
+        self._lock = threading.RLock()
+        self.fd = self._open()  # an OSError here, at start, is a bad path failing early
+        self._identity = _identity(self.fd)
+
+    def _open(self) -> int:
+        """A new descriptor for our destination, close-on-exec: children never inherit it."""
+        if self.path is None:
+            # Reports go to stderr, even if the program later rebinds sys.stderr;
+            # os.dup's copy is non-inheritable (PEP 446), i.e. close-on-exec.
+            return os.dup(2)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return os.open(self.path, flags, 0o644)
+
+    def _ensure_ours(self) -> None:
+        """Reopen if the program closed our descriptor or put a file of its own under it."""
+        try:
+            if _identity(self.fd) == self._identity:
+                return
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        # The old number is the program's now (or free): never write to it or close it.
+        self.fd = self._open()
+        self._identity = _identity(self.fd)
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to our destination, or raise the OSError."""
+        self._ensure_ours()
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    def msg(self, message: str) -> None:
+        """Write one event line; if it cannot be written, count it as lost instead."""
+        data = _line(message)
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._write(data)
+                    return
+                except OSError as exc:  # ENOSPC, EPIPE, EIO, a failed reopen, ...
+                    self.failure = exc
+                    self._say_failure(exc)
+            self.lost += 1
+
+    warning = error = info = critical = debug = msg
+
+    def write_text(self, text: str) -> None:
+        """Lines that are not reports (the exit summary): best effort, not counted."""
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._write(_line(text))
+                except OSError:
+                    pass
+
+    def _say_failure(self, exc: OSError) -> None:
+        """The first loss is said once, on fd 2; later ones only count."""
+        notice = (f"sanitizer: cannot write reports to {self.name}: {exc}; "
+                  "further reports are counted, not written")
+        try:
+            os.write(2, _line(notice))
+        except OSError:
+            pass  # stderr may be the very destination that broke
+
+    def reset_after_fork(self) -> None:
+        """A child counts (and says) its own losses; the lock may have been held at fork."""
+        self._lock = threading.RLock()
+        self.lost = 0
+        self.failure = None
+
+
+def _line(text: str) -> bytes:
+    """One line, encoded: what a single write sends."""
+    return (text.rstrip("\n") + "\n").encode("utf-8", "replace")
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """Which file a descriptor is open on."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) -> str:
+    """A ThreadSanitizer-like report for people."""
+    if event_dict.get("event") != EVENT:
+        import structlog
+
+        return structlog.dev.ConsoleRenderer(colors=False)(_logger, _method, event_dict)
+    e = event_dict
+
+    def thread(info: dict[str, Any], pid: int, alive: bool = True) -> str:
+        state = "" if alive else ", exited"
+        return (f"thread T{info['serial']} '{info['name']}' (ident {info['ident']}, "
+                f"native {info['native_id']}{state}) in pid {pid}")
+
+    def frames(stack: list[dict[str, Any]]) -> list[str]:
+        if not stack:
+            return ["    <no Python frames>"]
+        return [f"    #{i} {f['file']}:{f['line']} in {f['function']}"
+                for i, f in enumerate(stack)]
+
+    what = e["object_type"] + (f" {e['object_name']!r}" if e.get("object_name") else "")
+    lines = [
+        "=" * 18,
+        f"WARNING: thread-affinity violation ({e['policy']}) on {what} at {e['object_id']}",
+        f"  {e['message']}",
+        f"  {e['operation']} by {thread(e['thread'], e['pid'])}:",
+        *frames(e["access_stack"]),
+    ]
+    lines += [f"    ({c})" for c in e.get("context", ())]
+    if e.get("holder_thread"):
+        lines.append(f"  At the same time in use by {thread(e['holder_thread'], e['pid'])}:")
+        lines += frames(e.get("holder_stack") or [])
+    created = e.get("root_type") or e["object_type"]
+    lines.append(f"  {created} created by "
+                 f"{thread(e['owner_thread'], e['owner_pid'], e['owner_alive'])}:")
+    lines += frames(e["creation_stack"])
+    lines += [f"    ({c})" for c in e.get("owner_context", ())]
+    if e.get("resource"):
+        lines.append("  resource: " + ", ".join(f"{k}={v}" for k, v in e["resource"].items()))
+    if e.get("args"):
+        lines.append("  arguments: " + ", ".join(f"{k}={v}" for k, v in e["args"].items()))
+    user = [f for f in e["access_stack"] if not stacks.is_library_file(str(f["file"]))]
+    site = (user or e["access_stack"] or [None])[0]
+    where = f"{site['file']}:{site['line']} in {site['function']}" if site else "<unknown>"
+    lines += [f"SUMMARY: thread-affinity ({e['policy']}) {where}", "=" * 18]
+    return "\n".join(lines)
+
+
+def _json_default(value: object) -> str:
+    return repr(value)
+
+
+def processors(fmt: str) -> list[Callable[..., Any]]:
+    """The pipeline, top to bottom: level, timestamp, then one renderer."""
+    import structlog  # only once there is something to report: ~15 ms of start-up
+
+    renderer: Callable[..., Any] = (
+        render_console if fmt == "console"
+        else structlog.processors.JSONRenderer(default=_json_default)
+    )
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        renderer,
+    ]
+
+
+def open_output(options: Options) -> tuple[LineWriter, str]:
+    """Where events go, and their format (opened at start: a bad path fails early)."""
+    writer = LineWriter(options.log_file or None)
+    fmt = options.format or ("console" if not options.log_file and os.isatty(writer.fd)
+                             else "json")
+    return writer, fmt
+
+
+def build_logger(writer: LineWriter, fmt: str) -> Any:
+    """Our own pipeline: never ``structlog.configure()``, the app's logging is not ours."""
+    import structlog
+
+    return structlog.wrap_logger(
+        writer,
+        processors=processors(fmt),
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
