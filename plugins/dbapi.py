@@ -41,12 +41,12 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from sanitizer import control, ownership, stacks, threads
+from sanitizer import ownership, stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.instrument import Methods, guards, trackable_factory, tracked_subclass
-from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
+from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord
 from sanitizer.plugin import Context, Plugin
 from sanitizer.policies import (
     EXCLUSIVE_POLICY,
@@ -55,9 +55,13 @@ from sanitizer.policies import (
     Policy,
     compile_guard,
     register,
+    report,
     slow_path,
 )
 from sanitizer.proxy import TrackedProxy
+
+if TYPE_CHECKING:
+    from sanitizer.report import Violation
 
 # connection -> its libpq-style transaction status (PG_OPEN says which ones are open).
 Status = Callable[[Any], int]
@@ -85,8 +89,7 @@ def check_transaction(obj: object, record: OwnerRecord, operation: str,
         return False  # a forked child is reported by the process checks, once
     if me.quiet:  # beneath a call (a Session's, say) already reported
         return False
-    control.violation(obj, record, operation, "transaction", me, holder,
-                      _transaction_message(obj, operation, me, holder))
+    report(obj, record, operation, "transaction", me, holder, record.policy)
     return True
 
 
@@ -110,16 +113,17 @@ def is_open(status: Status | None, conn: Any, operation: str) -> bool:
         return False
 
 
-def _transaction_message(obj: object, operation: str, me: threads.ThreadToken,
+def _transaction_message(violation: Violation, me: threads.ThreadToken,
                          holder: object) -> str:
     them = "another thread"
     if isinstance(holder, threads.ThreadToken):
         them = f"thread {holder.label} '{holder.current_name()}'"
         if not holder.alive:
             them += " (which exited without ending it)"
+    operation = violation.operation
     effect = ("ends that thread's transaction" if operation in ENDS_TRANSACTION
               else "runs inside that thread's transaction")
-    return (f"{qualified_type(obj)}.{operation} called by thread {me.label} "
+    return (f"{violation.object_type}.{operation} called by thread {me.label} "
             f"'{me.current_name()}' while {them} has an open transaction on the same "
             f"connection: it {effect} (transaction policy)")
 
@@ -131,16 +135,19 @@ CLOSE_IN_CHILD = ("closing it there sends the server the protocol's terminate me
                   "child, open new connections and leave inherited ones alone")
 
 
-def fork_note(verdict: str, operation: str) -> str | None:
+def with_fork_note(message: str, violation: Violation) -> str:
     """Why closing an inherited connection in a child is reported at all."""
-    return CLOSE_IN_CHILD if verdict == "process" and operation in CLOSES else None
+    if violation.policy == "process" and violation.operation in CLOSES:
+        return f"{message}: {CLOSE_IN_CHILD}"
+    return message
 
 
 class DriverExclusive(Exclusive):
     """Exclusive, for connections to a server: says why closing in a forked child harms."""
 
-    def note(self, verdict: str, operation: str) -> str | None:
-        return fork_note(verdict, operation)
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        return with_fork_note(super().describe(violation, record, token), violation)
 
 
 # Connections of drivers at threadsafety < 2 (their cursors share the record).
@@ -160,8 +167,11 @@ class TransactionPolicy(Policy):
     def __init__(self, status: Status | None = None) -> None:
         self.status = status
 
-    def note(self, verdict: str, operation: str) -> str | None:
-        return fork_note(verdict, operation)
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy == self.name:
+            return _transaction_message(violation, token, record.busy)
+        return with_fork_note(super().describe(violation, record, token), violation)
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
         me = threads.local.token

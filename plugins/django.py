@@ -40,10 +40,12 @@ from sanitizer import control, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.ownership import UNTRACKED, OwnerRecord, qualified_type, record_of
 from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import STRICT_POLICY, Policy, Strict, register, slow_path
+from sanitizer.policies import STRICT_POLICY, Policy, Strict, register, report, slow_path
 
 if TYPE_CHECKING:
     import asyncio
+
+    from sanitizer.report import Violation
 
 ALLOW_ENV = "DJANGO_ALLOW_ASYNC_UNSAFE"
 ASYNC_UNSAFE_MODES = ("always", "allowed", "off")
@@ -107,9 +109,21 @@ class AsyncUnsafe(Policy):
         return super().violated(record, token, holder, obj, operation) or self.name
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
-        loop = _running_loop()
-        if loop is not None:
-            _report_async(obj, record, operation, loop)
+        if _running_loop() is not None:
+            _report_async(obj, record, operation)
+
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy != self.name:
+            return super().describe(violation, record, token)
+        loop = _running_loop()  # on the reporting thread: its own loop
+        allowed = bool(os.environ.get(ALLOW_ENV))
+        return (f"{violation.object_type}.{violation.operation} called by thread "
+                f"{token.label} '{token.current_name()}' while its event loop "
+                f"{type(loop).__name__} at {id(loop):#x} is running: database work blocks the "
+                "loop; wrap it in sync_to_async"
+                + (f" ({ALLOW_ENV} is set, so Django did not raise)" if allowed
+                   else " (Django raises SynchronousOnlyOperation next)"))
 
 
 def _running_loop() -> Any:
@@ -343,7 +357,7 @@ def _install_asyncio(module: ModuleType, context: Context) -> None:
         if only_allowed and not os.environ.get(ALLOW_ENV):
             return loop  # Django raises SynchronousOnlyOperation: that is the report
         try:
-            _async_unsafe_call(sys._getframe(1), loop)
+            _async_unsafe_call(sys._getframe(1))
         except (ThreadAffinityError, Warning):
             raise  # asked for: action=raise, or warnings turned into errors
         except Exception as exc:
@@ -353,7 +367,7 @@ def _install_asyncio(module: ModuleType, context: Context) -> None:
     context.replace(module, "get_running_loop", get_running_loop)
 
 
-def _async_unsafe_call(frame: FrameType, loop: asyncio.AbstractEventLoop) -> None:
+def _async_unsafe_call(frame: FrameType) -> None:
     """Report the @async_unsafe function running in ``frame`` (cold: a loop is running)."""
     code = frame.f_code
     if code.co_name != "inner":
@@ -374,20 +388,11 @@ def _async_unsafe_call(frame: FrameType, loop: asyncio.AbstractEventLoop) -> Non
             return
         record = _context.new_record(obj, ASYNC_UNSAFE)
     operation = getattr(func, "__name__", "call")
-    _report_async(obj, record, operation, loop)
+    _report_async(obj, record, operation)
 
 
-def _report_async(obj: object, record: OwnerRecord, operation: str,
-                  loop: asyncio.AbstractEventLoop) -> None:
-    token = threads.current()
-    allowed = bool(os.environ.get(ALLOW_ENV))
-    what = f"{qualified_type(obj)}.{operation}"
-    detail = (f"{what} called by thread {token.label} '{token.current_name()}' while its "
-              f"event loop {type(loop).__name__} at {id(loop):#x} is running: database work "
-              "blocks the loop; wrap it in sync_to_async"
-              + (f" ({ALLOW_ENV} is set, so Django did not raise)" if allowed
-                 else " (Django raises SynchronousOnlyOperation next)"))
-    control.violation(obj, record, operation, ASYNC_UNSAFE.name, token, None, detail)
+def _report_async(obj: object, record: OwnerRecord, operation: str) -> None:
+    report(obj, record, operation, ASYNC_UNSAFE.name, threads.current(), None, ASYNC_UNSAFE)
 
 
 # -- asgiref roles ---------------------------------------------------------------------

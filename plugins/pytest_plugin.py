@@ -130,7 +130,6 @@ import os
 import re
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -142,7 +141,7 @@ if TYPE_CHECKING:
     from sanitizer.control import Sanitizer
     from sanitizer.forward import Channel, ForwardedViolation
     from sanitizer.options import Options
-    from sanitizer.report import Violation
+    from sanitizer.report import Occurrence, Violation
     from sanitizer.suppressions import Rule
 
 OPTION = "--sanitize-threads"
@@ -628,12 +627,9 @@ class _Plugin:
 
     @property
     def runtime_options(self) -> Options:
-        """What the sanitizer itself runs with: the plugin does the actions, per test.
-
-        Its own log is kept only for a log_file; the exit code is the session's.
-        """
-        action = ("log",) if self.options.log_file and "log" in self.options.action else ()
-        return dataclasses.replace(self.options, action=action, exitcode=None)
+        """What the sanitizer itself runs with: the session's options, but the exit code
+        is pytest's (the plugin's step in its pipeline gives each test its actions)."""
+        return dataclasses.replace(self.options, exitcode=None)
 
     def start(self) -> None:
         from sanitizer import control, forward, stacks
@@ -658,7 +654,7 @@ class _Plugin:
         if self.sanitizer is not None and self.sanitizer is not sanitizer:
             self.count_rules(self.sanitizer.reporter.rules)  # a test switched it off
         self.sanitizer = sanitizer
-        sanitizer.reporter.listeners.append(self.on_violation)
+        sanitizer.reporter.add(self.on_violation)
 
     def _resume(self) -> None:
         """A test switched the sanitizer off (or swapped it): on again for the next one."""
@@ -793,11 +789,16 @@ class _Plugin:
 
     # -- attribution -------------------------------------------------------------------
 
-    def on_violation(self, violation: Violation, first: bool) -> None:
-        """Reporter listener: runs in the violating thread for every unsuppressed occurrence."""
+    def on_violation(self, occurrence: Occurrence) -> Occurrence:
+        """A step of the sanitizer's pipeline, after dedup: attributes the occurrence to
+        the running test and gives it that test's actions (in the violating thread)."""
+        violation = occurrence.violation
         thread = threading.current_thread()
         origin = getattr(thread, _ORIGIN, None)
         record: ThreadViolation | None = None
+        # The core's own log line: written only to a log_file, once per kind
+        # (otherwise the test report carries it).
+        log = {"log"} & occurrence.actions if self.options.log_file else set()
         if os.getpid() != self.pid:
             # A forked child's copy of the plugin: the sanitizer forwards the
             # violation to this process's original, where it counts. Here only
@@ -805,26 +806,24 @@ class _Plugin:
             # parent may have held it at fork()).
             run = self.current or self.session_run
             settings = run.settings
-            if not settings.admits(violation):
-                return
+            admitted = settings.admits(violation)
         else:
             with self.lock:
                 run = self.current or self.session_run
                 settings = run.settings
-                if not settings.admits(violation):
-                    return
-                if origin is not None and origin[0] == run.nodeid:
-                    origin = None
-                self.seq += 1
-                record = run.add(violation, thread.name, origin, self.seq)
-        if "warn" in settings.action and (first if record is None else record.count == 1):
-            from sanitizer import stacks
-            from sanitizer.exceptions import ThreadAffinityWarning
-
-            filename, line = stacks.location(violation.access_site)
-            warnings.warn_explicit(ThreadAffinityWarning(violation.message),
-                                   ThreadAffinityWarning, filename, line)
-        if "raise" in settings.action:
+                admitted = settings.admits(violation)
+                if admitted:
+                    if origin is not None and origin[0] == run.nodeid:
+                        origin = None
+                    self.seq += 1
+                    record = run.add(violation, thread.name, origin, self.seq)
+        if not admitted:
+            occurrence.actions = log
+            return occurrence
+        actions = set(settings.action) - {"log"} | log
+        if not (occurrence.first if record is None else record.count == 1):
+            actions.discard("warn")  # once per kind and test
+        if "raise" in actions:
             from sanitizer.exceptions import ThreadAffinityError
 
             error = ThreadAffinityError(violation)
@@ -832,7 +831,9 @@ class _Plugin:
             if record is not None:
                 with self.lock:
                     run.raised.append(error)
-            raise error
+            occurrence.error = error
+        occurrence.actions = actions
+        return occurrence
 
     def poll_children(self, run: _TestRun) -> None:
         """Take what child processes forwarded since the last look (never raises)."""

@@ -9,18 +9,18 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import ownership, policies, stacks, threads
-from sanitizer.exceptions import ConfigError, ThreadAffinityError
+from sanitizer.exceptions import ConfigError
 from sanitizer.instrument import patch_class
 from sanitizer.options import Options
 from sanitizer.patching import Patcher, forget, when_imported
 from sanitizer.plugin import Context, Plugin
 
 if TYPE_CHECKING:
-    from sanitizer.report import Reporter, Violation
+    from sanitizer.report import Reporter
 
 _running: Sanitizer | None = None
 _lifecycle = threading.RLock()
@@ -42,9 +42,7 @@ class Sanitizer:
         self.reporter: Reporter = Reporter(options)
         self.patcher = Patcher()
         self.plugins: list[Plugin] = plugin_registry.load(options)
-        self.finalizer_names = {"__del__"}
         self._hooks: list[Callable[[ModuleType], None]] = []
-        self._local = threading.local()
         self.exit_code_managed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -53,13 +51,14 @@ class Sanitizer:
         from sanitizer import forward
 
         forward.install(self.reporter)  # a collecting parent announced: children forward to it
+        policies.connect(self.reporter.report)  # the guards' sink
         for plugin in self.plugins:
             self._activate(plugin)
         for spec in self.options.track:
             self._track_by_name(spec)
         for cls, policy in list(_affine_classes.items()):
             self.instrument_class(cls, policy)
-        gc.callbacks.append(self._gc_phase)
+        gc.callbacks.append(self.reporter.gc_phase)
         atexit.register(self._at_exit)
 
     def stop(self) -> None:
@@ -70,15 +69,16 @@ class Sanitizer:
         for plugin in self.plugins:
             if plugin.describe_thread is not None:
                 threads.remove_describer(plugin.describe_thread)
-        if self._gc_phase in gc.callbacks:
-            gc.callbacks.remove(self._gc_phase)
+        if self.reporter.gc_phase in gc.callbacks:
+            gc.callbacks.remove(self.reporter.gc_phase)
+        policies.connect(None)
         atexit.unregister(self._at_exit)
 
     def _activate(self, plugin: Plugin) -> None:
         context = Context(self, plugin, self.patcher)
         for prefix in plugin.libraries:
             stacks.add_library(prefix)
-        self.finalizer_names.update(plugin.finalizers)
+        self.reporter.finalizers.update(plugin.finalizers)
         if plugin.setup is not None:
             plugin.setup(context)  # a ConfigError here (bad plugin option) stops enable()
         for module_name, installer in plugin.hooks.items():
@@ -159,90 +159,6 @@ class Sanitizer:
             return obj
         return make_proxy(obj, self.new_record(obj, policy, name))
 
-    # -- violations ----------------------------------------------------------------
-
-    def on_violation(self, obj: object, record: ownership.OwnerRecord, operation: str,
-                     policy: str, token: threads.ThreadToken, holder: object,
-                     detail: str | None, role: str | None = None,
-                     note: str | None = None) -> None:
-        local = self._local
-        if getattr(local, "reporting", False):
-            return  # something in our own reporting touched a tracked object
-        local.reporting = True
-        try:
-            caller = sys._getframe(2)
-            if self._finalizing(caller):
-                return
-            violation = self._build(obj, record, operation, policy, token, holder, detail, caller,
-                                    role, note)
-        except Exception as exc:
-            self.reporter.internal_error(exc, "building a report")
-            return
-        finally:
-            local.reporting = False
-        try:
-            self.reporter.handle(violation)
-        except (ThreadAffinityError, Warning):
-            raise  # asked for: action=raise, or warnings turned into errors
-        except Exception as exc:
-            self.reporter.internal_error(exc, "reporting")
-
-    def _finalizing(self, frame: FrameType) -> bool:
-        """GC-driven finalization is not a use, whichever thread it happens on."""
-        if getattr(self._local, "in_gc", False):
-            return True
-        names = self.finalizer_names
-        return any(f.f_code.co_name in names or f.f_code in _FINALIZER_CODES
-                   for f in stacks.frames_of(frame))
-
-    def _gc_phase(self, phase: str, _info: dict[str, Any]) -> None:
-        self._local.in_gc = phase == "start"
-
-    def _build(self, obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
-               token: threads.ThreadToken, holder: object, detail: str | None,
-               caller: FrameType, role: str | None = None, note: str | None = None
-               ) -> Violation:
-        from sanitizer.report import Violation, quote_args
-
-        depth = self.options.stack_depth
-        owner = record.owner
-        assert isinstance(owner, threads.ThreadToken)
-        holder_thread = holder if isinstance(holder, threads.ThreadToken) else None
-        holder_stack: stacks.Stack = ()
-        if holder_thread is not None and holder_thread is not token:
-            frame = sys._current_frames().get(holder_thread.ident)
-            holder_stack = stacks.capture(depth, frame) if frame is not None else ()
-        object_type = ownership.qualified_type(obj)
-        violation = Violation(
-            policy=policy,
-            object_type=object_type,
-            object_id=id(obj),
-            operation=operation,
-            owner_thread=owner.as_dict(),
-            thread=token.as_dict(),
-            pid=token.pid,
-            owner_pid=record.pid,
-            creation_stack=record.creation_stack,
-            access_stack=stacks.capture(depth, caller),
-            message="",
-            object_name=record.name,
-            root_type=record.object_type if record.object_type != object_type else None,
-            # Another process's threads cannot be seen from here: say nothing.
-            owner_alive=owner.alive if owner.pid == token.pid else True,
-            owner_context=list(record.owner_context),
-            context=threads.describe_current(),
-            holder_thread=holder_thread.as_dict() if holder_thread else None,
-            holder_stack=holder_stack,
-            resource=record.resource,
-            role=role,
-        )
-        if self.options.include_args:
-            violation.args = quote_args(_guard_arguments(caller))
-        violation.message = detail or _message(violation, token, owner)
-        if note:
-            violation.message += f": {note}"
-        return violation
-
     # -- exit and fork ---------------------------------------------------------------
 
     def _at_exit(self) -> None:
@@ -273,7 +189,6 @@ class Sanitizer:
 
     def _after_fork_in_child(self) -> None:
         self.reporter.reset_after_fork()
-        self._local = threading.local()
 
 
 def _after_fork_in_child() -> None:
@@ -282,45 +197,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
-    for f in stacks.frames_of(frame.f_back):
-        if f.f_code.co_filename == stacks.GUARD_FILENAME:
-            return [(k, v) for k, v in f.f_locals.items()
-                    if k != "self" and not k.startswith(policies.RESERVED_PREFIX)]
-    return []
-
-
-def _message(v: Violation, token: threads.ThreadToken, owner: threads.ThreadToken) -> str:
-    root = v.root_type or v.object_type
-    what = f"{v.object_type} used as {v.role}" if v.role else f"{v.object_type}.{v.operation}"
-    me = f"thread {token.label} '{token.current_name()}'"
-    if v.policy == "process":
-        return (f"{what} used in process {v.pid}, but the {root} was created in process "
-                f"{v.owner_pid} and inherited across fork()")
-    if v.policy == "exclusive" and v.holder_thread:
-        other = f"thread T{v.holder_thread['serial']} '{v.holder_thread['name']}'"
-        return f"{what} called by {me} while {other} is inside a call on the same {root}"
-    them = f"thread {owner.label} '{owner.current_name()}'"
-    text = f"{what} called by {me}, but the {root} belongs to {them}"
-    if not v.owner_alive:
-        text += ", which has exited"
-        if owner.ident == token.ident:
-            text += f" (its ident {token.ident} was reused)"
-    return f"{text} ({v.policy} policy)"
-
-
-# -- module-level entry points used by the public API and the guards ------------------
-
-
-def violation(obj: object, record: ownership.OwnerRecord, operation: str, policy: str,
-              token: threads.ThreadToken, holder: object, detail: str | None = None, *,
-              role: str | None = None, note: str | None = None) -> None:
-    sanitizer = _running
-    if sanitizer is not None:
-        sanitizer.on_violation(obj, record, operation, policy, token, holder, detail, role,
-                               note)
 
 
 def running() -> Sanitizer | None:

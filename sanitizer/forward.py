@@ -17,7 +17,7 @@ from sanitizer import stacks
 from sanitizer.report import Violation
 
 if TYPE_CHECKING:
-    from sanitizer.report import Reporter
+    from sanitizer.report import Occurrence, Reporter
 
 # "<collector pid>:<path>": spawned children inherit it in os.environ, forked ones in memory.
 ENV_VAR = "SANITIZE_THREADS_FORWARD"
@@ -45,13 +45,13 @@ def announced() -> tuple[int, str] | None:
 def install(reporter: Reporter) -> Forwarder | None:
     """Make a starting sanitizer forward its violations, if a collector is announced.
 
-    First among the listeners: another one may raise (action=raise, per test).
+    First among the steps added to the pipeline: a later one may raise (per test).
     """
     found = announced()
     if found is None:
         return None
     forwarder = Forwarder(reporter, *found)
-    reporter.listeners.insert(0, forwarder)
+    reporter.add(forwarder)
     return forwarder
 
 
@@ -61,9 +61,9 @@ _forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
 
 
 class Forwarder:
-    """Reporter listener: in any process but the collector, appends each violation to the channel.
+    """A pipeline step: in any process but the collector, appends each violation to the channel.
 
-    Inert in the collecting process itself; after fork() the same listener
+    Inert in the collecting process itself; after fork() the same step
     forwards from the child. Each line is one ``os.write`` on an O_APPEND
     descriptor, opened by path at the first record: lines from many processes
     never interleave, and an ``os._exit`` right after loses nothing. It never
@@ -81,10 +81,13 @@ class Forwarder:
         self._refs: dict[tuple[object, ...], str] = {}  # violation key -> its record's ref
         _forwarders.add(self)
 
-    def __call__(self, violation: Violation, first: bool) -> None:
+    def __call__(self, occurrence: Occurrence) -> Occurrence:
         pid = os.getpid()
-        if pid == self.collector:
-            return
+        if pid != self.collector:
+            self.forward(occurrence.violation, pid)
+        return occurrence
+
+    def forward(self, violation: Violation, pid: int) -> None:
         try:
             self._forward(violation, pid)
         except OSError:

@@ -16,12 +16,15 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from types import CodeType, FunctionType
-from typing import Any, ClassVar
+from types import CodeType, FrameType, FunctionType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sanitizer import stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.ownership import FORKED, OwnerRecord, record_of
+
+if TYPE_CHECKING:
+    from sanitizer.report import Violation
 
 # Guard bodies. ``{record}`` reads the owner record (usually the object's own
 # slot; a derived object may read its parent's), ``{call}`` calls through to the
@@ -140,9 +143,23 @@ class Policy:
         """Who else is using the object, given what the guard saw (cold path)."""
         return holder
 
-    def note(self, verdict: str, operation: str) -> str | None:
-        """What a report of ``verdict`` on ``operation`` should add about its consequence."""
-        return None
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        """The message of a violation this policy found (cold path): what was used, by
+        whom, and why that breaks the rule. Subclasses word their own verdicts."""
+        what, me = _what(violation), _who(token)
+        root = violation.root_type or violation.object_type
+        if violation.policy == "process":
+            return (f"{what} used in process {violation.pid}, but the {root} was created in "
+                    f"process {violation.owner_pid} and inherited across fork()")
+        owner = record.owner
+        assert isinstance(owner, threads.ThreadToken)
+        text = f"{what} called by {me}, but the {root} belongs to {_who(owner)}"
+        if not violation.owner_alive:
+            text += ", which has exited"
+            if owner.ident == token.ident:
+                text += f" (its ident {token.ident} was reused)"
+        return f"{text} ({violation.policy} policy)"
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
         """Called before each call by ENTER_EXIT guards; reports through ``slow_path``."""
@@ -241,6 +258,32 @@ class Exclusive(Policy):
             return None
         return self.name
 
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy == self.name and violation.holder_thread:
+            return while_inside(violation, token)
+        return super().describe(violation, record, token)
+
+
+def _what(violation: Violation) -> str:
+    """What was used: ``Type.operation``, or the object in its role."""
+    if violation.role:
+        return f"{violation.object_type} used as {violation.role}"
+    return f"{violation.object_type}.{violation.operation}"
+
+
+def _who(token: threads.ThreadToken) -> str:
+    return f"thread {token.label} '{token.current_name()}'"
+
+
+def while_inside(violation: Violation, token: threads.ThreadToken) -> str:
+    """The message of a use while another thread was inside a call on the object."""
+    holder = violation.holder_thread or {}
+    other = f"thread T{holder.get('serial')} '{holder.get('name')}'"
+    root = violation.root_type or violation.object_type
+    return (f"{_what(violation)} called by {_who(token)} while {other} is inside a call on "
+            f"the same {root}")
+
 
 class Process(Policy):
     """Any thread may use the object, but not a child process that inherited it."""
@@ -276,6 +319,10 @@ class ConcurrentUse(Policy):
             return None
         return None if holder is token else "exclusive"
 
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        return while_inside(violation, token)
+
 
 class Releasing(Policy):
     """The RELEASE check: guards like ``base``'s, and the record's policy decides,
@@ -297,6 +344,10 @@ class Releasing(Policy):
     ) -> str | None:
         verdict = (record.policy or self.base).violated(record, token, holder, obj, operation)
         return None if verdict == "process" else verdict
+
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        return (record.policy or self.base).describe(violation, record, token)
 
     def __repr__(self) -> str:
         return f"<policy {self.name}, releasing>"
@@ -376,11 +427,30 @@ def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object,
     violated = policy.violated(record, token, holder, obj, operation)
     if violated is None:
         return False
-    from sanitizer import control  # cold path; control imports this module
-
-    control.violation(obj, record, operation, violated, token, holder, role=role,
-                      note=record.policy.note(violated, operation))
+    report(obj, record, operation, violated, token, holder, policy, role)
     return True
+
+
+# Where violations go: the running sanitizer's Reporter.report, handed over when it
+# starts (Sanitizer.start) and taken back when it stops. Nothing here calls back up.
+Sink = Callable[[object, OwnerRecord, str, str, threads.ThreadToken, object, Policy,
+                 "str | None", FrameType], None]
+_sink: Sink | None = None
+
+
+def connect(sink: Sink | None) -> None:
+    """Hand the guards their sink (None: the sanitizer stopped)."""
+    global _sink
+    _sink = sink
+
+
+def report(obj: object, record: OwnerRecord, operation: str, verdict: str,
+           token: threads.ThreadToken, holder: object, policy: Policy,
+           role: str | None = None) -> None:
+    """Report a violation that ``policy`` found (it words the message); the one way in."""
+    sink = _sink
+    if sink is not None:
+        sink(obj, record, operation, verdict, token, holder, policy, role, sys._getframe(1))
 
 
 def _slow_path_for(policy: Policy, role: str | None = None) -> Callable[..., bool]:

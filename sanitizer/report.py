@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any
 
-from sanitizer import stacks
+from sanitizer import stacks, threads
 from sanitizer.exceptions import ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
+from sanitizer.ownership import OwnerRecord, qualified_type
+from sanitizer.policies import RESERVED_PREFIX, Policy
 from sanitizer.render import EVENT, LineWriter, build_logger, open_output
-from sanitizer.suppressions import load_suppressions
+from sanitizer.suppressions import Rule, load_suppressions
+
+_FINALIZER_CODES = {weakref.finalize.__call__.__code__}
 
 
 @dataclasses.dataclass
@@ -98,24 +105,188 @@ class Violation:
         return fields
 
 
-# -- the reporter -----------------------------------------------------------------
+# -- building one ---------------------------------------------------------------------
 
-# (this occurrence, whether it is the first of its kind): every unsuppressed one.
-Listener = Callable[[Violation, bool], None]
+
+def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
+          token: threads.ThreadToken, holder: object, policy: Policy, role: str | None,
+          caller: FrameType, options: Options) -> Violation:
+    """The Violation for a use that ``policy`` found to break ``verdict`` (cold path).
+
+    ``caller`` is where the access stack starts (the sanitizer's own frames are
+    left out); the policy words the message.
+    """
+    depth = options.stack_depth
+    owner = record.owner
+    assert isinstance(owner, threads.ThreadToken)
+    holder_thread = holder if isinstance(holder, threads.ThreadToken) else None
+    holder_stack: stacks.Stack = ()
+    if holder_thread is not None and holder_thread is not token:
+        frame = sys._current_frames().get(holder_thread.ident)
+        holder_stack = stacks.capture(depth, frame) if frame is not None else ()
+    object_type = qualified_type(obj)
+    violation = Violation(
+        policy=verdict,
+        object_type=object_type,
+        object_id=id(obj),
+        operation=operation,
+        owner_thread=owner.as_dict(),
+        thread=token.as_dict(),
+        pid=token.pid,
+        owner_pid=record.pid,
+        creation_stack=record.creation_stack,
+        access_stack=stacks.capture(depth, caller),
+        message="",
+        object_name=record.name,
+        root_type=record.object_type if record.object_type != object_type else None,
+        # Another process's threads cannot be seen from here: say nothing.
+        owner_alive=owner.alive if owner.pid == token.pid else True,
+        owner_context=list(record.owner_context),
+        context=threads.describe_current(),
+        holder_thread=holder_thread.as_dict() if holder_thread else None,
+        holder_stack=holder_stack,
+        resource=record.resource,
+        role=role,
+    )
+    if options.include_args:
+        violation.args = quote_args(_guard_arguments(caller))
+    violation.message = policy.describe(violation, record, token)
+    return violation
+
+
+def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
+    """The arguments of the guarded call: the innermost guard frame's locals."""
+    for f in stacks.frames_of(frame):
+        if f.f_code.co_filename == stacks.GUARD_FILENAME:
+            return [(k, v) for k, v in f.f_locals.items()
+                    if k != "self" and not k.startswith(RESERVED_PREFIX)]
+    return []
+
+
+def quote_args(values: Iterable[tuple[str, object]]) -> dict[str, str]:
+    return {name: repr(value)[:200] for name, value in values}
+
+
+# -- the pipeline -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class Occurrence:
+    """One violation on its way through the pipeline, and what the last steps will do.
+
+    ``violation`` is this occurrence (its thread, object and stacks); ``kind``,
+    set by Dedup, is the first of its kind, whose ``count`` it raises. The steps
+    before the actors may change ``actions`` (Dedup logs and warns once per kind;
+    the pytest plugin applies each test's own) and ``error``, what Raise raises.
+    """
+
+    violation: Violation
+    actions: set[str]
+    kind: Violation | None = None
+    first: bool = True
+    error: ThreadAffinityError | None = None
+
+
+# A step: returns the occurrence (perhaps changed) to go on, or None to drop it.
+Processor = Callable[[Occurrence], "Occurrence | None"]
+
+
+class Suppress:
+    """Drops what a suppression rule matches, and counts the rule's hits."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+
+    def __call__(self, occurrence: Occurrence) -> Occurrence | None:
+        return None if self.suppressed(occurrence.violation) else occurrence
+
+    def suppressed(self, violation: Violation) -> bool:
+        for rule in self.rules:
+            if rule.matches(violation):
+                rule.hits += 1
+                return True
+        return False
+
+
+class Dedup:
+    """Counts occurrences by kind (Violation.key); logs and warns only the first of each."""
+
+    def __init__(self) -> None:
+        self.unique: dict[tuple[object, ...], Violation] = {}
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, occurrence: Occurrence) -> Occurrence:
+        violation = occurrence.violation
+        with self._lock:
+            seen = self.unique.get(violation.key)
+            if seen is not None:
+                seen.count += 1
+            else:
+                self.unique[violation.key] = violation
+            self.total += 1
+        occurrence.kind = seen or violation
+        occurrence.first = seen is None
+        if seen is not None:
+            occurrence.actions -= {"log", "warn"}
+        return occurrence
+
+    def reset_after_fork(self) -> None:
+        """A child counts its own; the parent's are not repeated at its exit."""
+        self._lock = threading.Lock()
+        self.unique = {}
+        self.total = 0
+
+
+class Log:
+    """Writes the event line through the structlog pipeline (render.py)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def __call__(self, occurrence: Occurrence) -> Occurrence:
+        if "log" in occurrence.actions:
+            self.reporter.logger.warning(EVENT, **occurrence.violation.event())
+        return occurrence
+
+
+def warn(occurrence: Occurrence) -> Occurrence:
+    """Issues a ThreadAffinityWarning at the user's line."""
+    if "warn" in occurrence.actions:
+        violation = occurrence.violation
+        filename, line = stacks.location(violation.access_site)
+        warnings.warn_explicit(ThreadAffinityWarning(violation.message),
+                               ThreadAffinityWarning, filename, line)
+    return occurrence
+
+
+def raise_(occurrence: Occurrence) -> Occurrence:
+    """Raises ThreadAffinityError in the offending thread, before the call goes on."""
+    if "raise" in occurrence.actions:
+        raise occurrence.error or ThreadAffinityError(occurrence.kind or occurrence.violation)
+    return occurrence
 
 
 class Reporter:
-    """Takes violations, drops suppressed ones, dedups, logs, warns and raises."""
+    """The pipeline, top to bottom: suppress, dedup, the integrations' steps, log, warn, raise.
+
+    ``report`` is what the guards call, through the sink the running sanitizer
+    hands them; it builds the Violation and runs it through the steps.
+    """
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.rules = load_suppressions(options.suppressions) if options.suppressions else []
         self.output, self._format = open_output(options)
         self._logger: Any = None
-        self.unique: dict[tuple[object, ...], Violation] = {}
-        self.listeners: list[Listener] = []
-        self.total = 0
-        self._lock = threading.Lock()
+        self.suppress = Suppress(self.rules)
+        self.dedup = Dedup()
+        # Integrations (the pytest plugin, forwarding from children) go between.
+        self.steps: list[Processor] = [self.suppress, self.dedup, Log(self), warn, raise_]
+        self._added = 0
+        #: Names of functions that finalize objects: uses inside them are no uses.
+        self.finalizers: set[str] = {"__del__"}
+        self._local = threading.local()
         self._internal_errors: set[tuple[str, str]] = set()
 
     @property
@@ -125,39 +296,75 @@ class Reporter:
             self._logger = build_logger(self.output, self._format)
         return self._logger
 
-    def handle(self, violation: Violation) -> None:
-        if self.suppressed(violation):
+    @property
+    def unique(self) -> dict[tuple[object, ...], Violation]:
+        return self.dedup.unique
+
+    @property
+    def total(self) -> int:
+        return self.dedup.total
+
+    def add(self, step: Processor) -> None:
+        """Run ``step`` after dedup and the steps added before it, before the actors."""
+        self._added += 1
+        self.steps.insert(1 + self._added, step)
+
+    def remove(self, step: Processor) -> None:
+        if step in self.steps[2:2 + self._added]:
+            self.steps.remove(step)
+            self._added -= 1
+
+    # -- the entry -----------------------------------------------------------------------
+
+    def report(self, obj: object, record: OwnerRecord, operation: str, verdict: str,
+               token: threads.ThreadToken, holder: object, policy: Policy,
+               role: str | None, caller: FrameType) -> None:
+        """Build the Violation and run it through the steps; a bug in either is contained."""
+        local = self._local
+        if getattr(local, "reporting", False):
+            return  # something in our own reporting touched a tracked object
+        local.reporting = True
+        try:
+            if self.finalizing(caller):
+                return
+            violation = build(obj, record, operation, verdict, token, holder, policy, role,
+                              caller, self.options)
+        except Exception as exc:
+            self.internal_error(exc, "building a report")
             return
-        with self._lock:
-            seen = self.unique.get(violation.key)
-            if seen is not None:
-                seen.count += 1
-            else:
-                self.unique[violation.key] = violation
-            self.total += 1
-        first = seen is None
-        current = violation if first else seen
-        assert current is not None
-        # Listeners see this occurrence (its thread, object and stacks), not the
-        # first one of its kind; ``first`` says whether it is new.
-        for listener in list(self.listeners):
-            listener(violation, first)
-        actions = self.options.action
-        if first and "log" in actions:
-            self.logger.warning(EVENT, **violation.event())
-        if first and "warn" in actions:
-            filename, line = stacks.location(violation.access_site)
-            warnings.warn_explicit(ThreadAffinityWarning(violation.message),
-                                   ThreadAffinityWarning, filename, line)
-        if "raise" in actions:
-            raise ThreadAffinityError(current)
+        finally:
+            local.reporting = False
+        try:
+            self.handle(violation)
+        except (ThreadAffinityError, Warning):
+            raise  # asked for: action=raise, or warnings turned into errors
+        except Exception as exc:
+            self.internal_error(exc, "reporting")
+
+    def handle(self, violation: Violation) -> None:
+        occurrence: Occurrence | None = Occurrence(violation, set(self.options.action))
+        for step in list(self.steps):
+            assert occurrence is not None
+            occurrence = step(occurrence)
+            if occurrence is None:
+                return
+
+    def finalizing(self, frame: FrameType) -> bool:
+        """GC-driven finalization is not a use, whichever thread it happens on."""
+        if getattr(self._local, "in_gc", False):
+            return True
+        names = self.finalizers
+        return any(f.f_code.co_name in names or f.f_code in _FINALIZER_CODES
+                   for f in stacks.frames_of(frame))
+
+    def gc_phase(self, phase: str, _info: dict[str, Any]) -> None:
+        """A gc.callbacks entry: uses during a collection are finalization."""
+        self._local.in_gc = phase == "start"
 
     def suppressed(self, violation: Violation) -> bool:
-        for rule in self.rules:
-            if rule.matches(violation):
-                rule.hits += 1
-                return True
-        return False
+        return self.suppress.suppressed(violation)
+
+    # -- the rest ------------------------------------------------------------------------
 
     def internal_error(self, exc: BaseException, where: str) -> None:
         """Report a bug in the sanitizer once per kind; never raise."""
@@ -201,16 +408,11 @@ class Reporter:
 
     def reset_after_fork(self) -> None:
         """A child reports its own violations; the parent's are not repeated at its exit."""
-        self._lock = threading.Lock()
-        self.unique = {}
-        self.total = 0
+        self.dedup.reset_after_fork()
+        self._local = threading.local()
         self.output.reset_after_fork()
         for rule in self.rules:
             rule.hits = 0
 
     def unique_violations(self) -> list[Violation]:
         return list(self.unique.values())
-
-
-def quote_args(values: Iterable[tuple[str, object]]) -> dict[str, str]:
-    return {name: repr(value)[:200] for name, value in values}

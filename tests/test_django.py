@@ -279,7 +279,7 @@ class TestCrossThread:
         order: list[str] = []
         running = control.running()
         assert running is not None
-        running.reporter.listeners.append(lambda v, first: order.append("report"))
+        running.reporter.add(lambda occurrence: (order.append("report"), occurrence)[1])
 
         def use() -> None:
             try:

@@ -229,7 +229,7 @@ class TestReportsThatCannotBeWritten:
         assert_quiet(proc.stderr)
 
     def test_a_lost_report_still_fails_the_pytest_test(self, tmp_path: Path) -> None:
-        # The pytest plugin is one of the Reporter's listeners.
+        # The pytest plugin is a step of the Reporter's pipeline.
         (tmp_path / "test_shared.py").write_text(program(VIOLATE, """
             def test_shares_a_connection():
                 violate("execute", "select 1")

@@ -83,7 +83,7 @@ def report_event() -> threading.Event:
     reported = threading.Event()
     running = control.running()
     assert running is not None
-    running.reporter.listeners.append(lambda _violation, _first: reported.set())
+    running.reporter.add(lambda occurrence: (reported.set(), occurrence)[1])
     return reported
 
 
