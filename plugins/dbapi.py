@@ -54,7 +54,6 @@ from sanitizer.policies import (
     Exclusive,
     Policy,
     compile_guard,
-    register,
     report,
     slow_path,
 )
@@ -257,7 +256,7 @@ class StatementPolicy(Policy):
 
 
 # For track=module:factory@transaction: transactions inferred from PEP 249 semantics.
-TRANSACTION_POLICY = register(TransactionPolicy())
+TRANSACTION_POLICY = TransactionPolicy()
 
 
 # -- records ----------------------------------------------------------------------------
@@ -779,4 +778,5 @@ plugin = Plugin(
     options={"drivers": "more DB-API 2.0 driver modules to track, joined by '+' "
                         "(e.g. dbapi.drivers=pg8000+mydriver); their connect() is wrapped"},
     setup=setup,
+    policies=(TRANSACTION_POLICY,),
 )

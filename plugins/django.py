@@ -40,7 +40,7 @@ from sanitizer import control, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.ownership import UNTRACKED, OwnerRecord, qualified_type, record_of
 from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import STRICT_POLICY, Policy, Strict, register, report, slow_path
+from sanitizer.policies import STRICT_POLICY, Policy, Strict, report, slow_path
 
 if TYPE_CHECKING:
     import asyncio
@@ -132,7 +132,7 @@ def _running_loop() -> Any:
 
 
 DJANGO_STRICT = DjangoStrict()
-ASYNC_UNSAFE = register(AsyncUnsafe())
+ASYNC_UNSAFE = AsyncUnsafe()
 
 CURSOR_METHODS: dict[str, str] = {
     "execute": "sql, params=None", "executemany": "sql, param_list",
@@ -457,6 +457,7 @@ plugin = Plugin(
     },
     libraries=("django", "asgiref"),
     describe_thread=describe_thread,
+    policies=(ASYNC_UNSAFE,),
     options={"async_unsafe": "report database work on a thread running an event loop: "
                              "always (default), allowed (only when DJANGO_ALLOW_ASYNC_UNSAFE "
                              "is set, where Django stays silent), off"},

@@ -609,6 +609,7 @@ class _Plugin:
         self.controller = False
         self.sanitizer: Sanitizer | None = None
         self._control: Any = None  # sanitizer.control, once started
+        self._state: Any = None  # sanitizer.state.STATE, once started
         self.pid = os.getpid()  # a forked child has a copy of this object
         self.channel: Channel | None = None  # where child processes forward their violations
         self.session_run = _TestRun(self, None, self.base)
@@ -632,11 +633,10 @@ class _Plugin:
         return dataclasses.replace(self.options, exitcode=None)
 
     def start(self) -> None:
-        from sanitizer import control, forward, stacks
+        from sanitizer import control, forward, state
 
         self._control = control
-        for directory in _pytest_dirs():  # stacks stop at pytest's machinery
-            stacks.add_boundary(directory)
+        self._state = state.STATE
         if _stack:
             _stack[-1].detach()
         control.disable()  # the .pth's, or an outer session's: exactly one runs
@@ -651,9 +651,13 @@ class _Plugin:
         self.attach(control.enable(self.runtime_options))
 
     def attach(self, sanitizer: Sanitizer) -> None:
+        from sanitizer import stacks
+
         if self.sanitizer is not None and self.sanitizer is not sanitizer:
             self.count_rules(self.sanitizer.reporter.rules)  # a test switched it off
         self.sanitizer = sanitizer
+        for directory in _pytest_dirs():  # stacks stop at pytest's machinery
+            stacks.add_boundary(directory)  # (the sanitizer forgets them when it stops)
         sanitizer.reporter.add(self.on_violation)
 
     def _resume(self) -> None:
@@ -875,7 +879,7 @@ class _Plugin:
         settings = self.base
         try:
             sanitizer = self.sanitizer
-            if sanitizer is None or sanitizer is not self._control._running:
+            if sanitizer is None or sanitizer is not self._state.running:
                 self._resume()
             for mark in item.own_markers:
                 if mark.name == MARKER:

@@ -6,8 +6,6 @@ import atexit
 import gc
 import os
 import sys
-import threading
-import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -18,21 +16,18 @@ from sanitizer.instrument import patch_class
 from sanitizer.options import Options
 from sanitizer.patching import Patcher, forget, when_imported
 from sanitizer.plugin import Context, Plugin
+from sanitizer.state import STATE
 
 if TYPE_CHECKING:
     from sanitizer.report import Reporter
 
-_running: Sanitizer | None = None
-_lifecycle = threading.RLock()
-# Classes decorated with @thread_affine; patched whenever the sanitizer runs.
-_affine_classes: weakref.WeakKeyDictionary[type, policies.Policy] = weakref.WeakKeyDictionary()
-
-_FINALIZER_CODES = {weakref.finalize.__call__.__code__}
 HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, patchable
 
 
 class Sanitizer:
-    """Everything the sanitizer changed in this process, so that stop() undoes it exactly."""
+    """Everything the sanitizer changed in this process, so that stop() undoes it exactly:
+    the patches (its Patcher), its import hooks, and the shared configuration in
+    STATE (saved at start, restored at stop)."""
 
     def __init__(self, options: Options) -> None:
         from sanitizer import plugins as plugin_registry
@@ -43,20 +38,21 @@ class Sanitizer:
         self.patcher = Patcher()
         self.plugins: list[Plugin] = plugin_registry.load(options)
         self._hooks: list[Callable[[ModuleType], None]] = []
-        self.exit_code_managed = False
+        self._saved: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
         from sanitizer import forward
 
+        self._saved = STATE.save()
         forward.install(self.reporter)  # a collecting parent announced: children forward to it
         policies.connect(self.reporter.report)  # the guards' sink
         for plugin in self.plugins:
             self._activate(plugin)
         for spec in self.options.track:
             self._track_by_name(spec)
-        for cls, policy in list(_affine_classes.items()):
+        for cls, policy in list(STATE.affine_classes.items()):
             self.instrument_class(cls, policy)
         gc.callbacks.append(self.reporter.gc_phase)
         atexit.register(self._at_exit)
@@ -66,18 +62,19 @@ class Sanitizer:
             forget(hook)
         self._hooks.clear()
         self.patcher.restore()
-        for plugin in self.plugins:
-            if plugin.describe_thread is not None:
-                threads.remove_describer(plugin.describe_thread)
         if self.reporter.gc_phase in gc.callbacks:
             gc.callbacks.remove(self.reporter.gc_phase)
-        policies.connect(None)
+        if self._saved is not None:  # sink, policies, describers, libraries, boundaries
+            STATE.restore(self._saved)
+            self._saved = None
         atexit.unregister(self._at_exit)
 
     def _activate(self, plugin: Plugin) -> None:
         context = Context(self, plugin, self.patcher)
         for prefix in plugin.libraries:
             stacks.add_library(prefix)
+        for policy in plugin.policies:
+            policies.register(policy)
         self.reporter.finalizers.update(plugin.finalizers)
         if plugin.setup is not None:
             plugin.setup(context)  # a ConfigError here (bad plugin option) stops enable()
@@ -187,49 +184,40 @@ class Sanitizer:
                     pass
             os._exit(code)  # like ThreadSanitizer's exitcode=66; we run last among atexit
 
-    def _after_fork_in_child(self) -> None:
+    def renew_after_fork(self) -> None:
+        """In a forked child (state's fork handler): the child reports its own."""
         self.reporter.reset_after_fork()
 
 
-def _after_fork_in_child() -> None:
-    if _running is not None:
-        _running._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def running() -> Sanitizer | None:
-    return _running
+    return STATE.running
 
 
 def enable(options: Options) -> Sanitizer:
     """Start the sanitizer with these options, or keep the one running (idempotent)."""
-    global _running
-    with _lifecycle:
-        if _running is not None:
-            return _running
-        sanitizer = Sanitizer(options)
-        _running = sanitizer
+    with STATE.lifecycle:
+        if STATE.running is not None:
+            return STATE.running
+        sanitizer = STATE.running = Sanitizer(options)
         try:
             sanitizer.start()
         except BaseException:
-            _running = None
+            STATE.running = None
             sanitizer.stop()
             raise
         return sanitizer
 
 
 def disable() -> None:
-    """Stop the sanitizer and restore every patched attribute."""
-    global _running
-    with _lifecycle:
-        sanitizer, _running = _running, None
+    """Stop the sanitizer: an exact inverse of enable()."""
+    with STATE.lifecycle:
+        sanitizer, STATE.running = STATE.running, None
         if sanitizer is not None:
             sanitizer.stop()
 
 
 def register_affine(cls: type, policy: policies.Policy) -> None:
-    _affine_classes[cls] = policy
-    if _running is not None:
-        _running.instrument_class(cls, policy)
+    """A @thread_affine class: patched now if the sanitizer runs, and whenever it starts."""
+    STATE.affine_classes[cls] = policy
+    if STATE.running is not None:
+        STATE.running.instrument_class(cls, policy)

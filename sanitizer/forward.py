@@ -9,12 +9,12 @@ import dataclasses
 import os
 import sys
 import threading
-import weakref
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import stacks
 from sanitizer.report import Violation
+from sanitizer.state import STATE
 
 if TYPE_CHECKING:
     from sanitizer.report import Occurrence, Reporter
@@ -57,9 +57,6 @@ def install(reporter: Reporter) -> Forwarder | None:
 
 # -- the child's side ---------------------------------------------------------------------
 
-_forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
-
-
 class Forwarder:
     """A pipeline step: in any process but the collector, appends each violation to the channel.
 
@@ -79,7 +76,7 @@ class Forwarder:
         self._fd = -1
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of what _fd was opened on
         self._refs: dict[tuple[object, ...], str] = {}  # violation key -> its record's ref
-        _forwarders.add(self)
+        STATE.forwarders.add(self)
 
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         pid = os.getpid()
@@ -148,12 +145,10 @@ class Forwarder:
         return fd
 
 
-def _after_fork_in_child() -> None:
-    for forwarder in list(_forwarders):
-        forwarder._lock = threading.Lock()  # another thread of the parent may have held it
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def renew_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held a forwarder's lock."""
+    for forwarder in list(STATE.forwarders):
+        forwarder._lock = threading.Lock()
 
 
 # -- the collector's side -----------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import threading
 import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import stacks, threads
+from sanitizer.state import STATE
 
 if TYPE_CHECKING:
     from sanitizer.policies import Policy
@@ -106,25 +105,20 @@ def _untracked() -> OwnerRecord:
 # (made before enable(), or by a path the plugin does not see).
 UNTRACKED = _untracked()
 
-# Every record, for marking after fork(). Plain references without callbacks: a
-# WeakSet runs Python code when each record dies. Dead ones are dropped in bulk.
-_live: list[weakref.ref[OwnerRecord]] = []
-_live_limit = 1024
-_pruning = threading.Lock()
-
-
 def _remember(record: OwnerRecord) -> None:
-    global _live_limit
-    _live.append(weakref.ref(record))
-    if len(_live) >= _live_limit and _pruning.acquire(blocking=False):
+    """Every record is remembered, for marking after fork: plain references without
+    callbacks (a WeakSet runs Python code when each record dies), pruned in bulk."""
+    live = STATE.records
+    live.append(weakref.ref(record))
+    if len(live) >= STATE.records_limit and STATE.pruning.acquire(blocking=False):
         try:
-            seen = len(_live)
-            alive = [ref for ref in _live[:seen] if ref() is not None]
+            seen = len(live)
+            alive = [ref for ref in live[:seen] if ref() is not None]
             # One slice assignment: references other threads append meanwhile stay.
-            _live[:seen] = alive
-            _live_limit = max(1024, 2 * len(alive))
+            live[:seen] = alive
+            STATE.records_limit = max(1024, 2 * len(alive))
         finally:
-            _pruning.release()
+            STATE.pruning.release()
 
 
 def new_record(
@@ -175,11 +169,9 @@ def qualified_name(cls: type) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
-def _invalidate_after_fork() -> None:
-    for ref in _live:
+def invalidate_after_fork() -> None:
+    """In a forked child, every inherited record is the parent's: guards see FORKED."""
+    for ref in STATE.records:
         record = ref()
         if record is not None:
             record.busy = FORKED
-
-
-os.register_at_fork(after_in_child=_invalidate_after_fork)

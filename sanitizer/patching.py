@@ -9,12 +9,14 @@ from typing import Any
 
 import wrapt
 
+from sanitizer.state import STATE
+
 _MISSING = object()
 
 ImportHook = Callable[[ModuleType], None]
 # wrapt cannot unregister a post-import hook, so each module name gets one
-# trampoline for the life of the process; enable/disable edit the list behind it.
-_hooks: dict[str, list[ImportHook]] = {}
+# trampoline for the life of the process; enable/disable edit the list behind
+# it (STATE.import_hooks).
 
 
 class Patcher:
@@ -51,9 +53,9 @@ class Patcher:
 def when_imported(module_name: str, hook: ImportHook) -> None:
     """Run ``hook(module)`` when the module is imported, or now if it already is."""
     keep_hook_finder_first()
-    hooks = _hooks.get(module_name)
+    hooks = STATE.import_hooks.get(module_name)
     if hooks is None:
-        hooks = _hooks[module_name] = [hook]
+        hooks = STATE.import_hooks[module_name] = [hook]
         # Fires at once if the module is already imported.
         wrapt.register_post_import_hook(_trampoline(module_name), module_name)
         return
@@ -82,13 +84,13 @@ def keep_hook_finder_first() -> None:
 
 
 def forget(hook: ImportHook) -> None:
-    for hooks in _hooks.values():
+    for hooks in STATE.import_hooks.values():
         while hook in hooks:
             hooks.remove(hook)
 
 
 def _trampoline(module_name: str) -> ImportHook:
     def fire(module: ModuleType) -> None:
-        for hook in list(_hooks.get(module_name, ())):
+        for hook in list(STATE.import_hooks.get(module_name, ())):
             hook(module)
     return fire

@@ -41,6 +41,8 @@ class Plugin:
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Runs once when the sanitizer starts, before any hook (e.g. to hook modules named in options).
     setup: Callable[[Context], None] | None = None
+    #: Policies of its own, known by name (``track=...@name``) while the sanitizer runs.
+    policies: tuple[Policy, ...] = ()
 
     def check_options(self, values: Mapping[str, str]) -> None:
         for key, value in values.items():

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sanitizer import stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.ownership import FORKED, OwnerRecord, record_of
+from sanitizer.state import STATE
 
 if TYPE_CHECKING:
     from sanitizer.report import Violation
@@ -384,23 +385,24 @@ def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.Threa
     return None
 
 
-_registry: dict[str, Policy] = {
-    p.name: p for p in (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)}
+BUILTIN = (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)
+STATE.policies.update((p.name, p) for p in BUILTIN)
 
 
 def register(policy: Policy) -> Policy:
-    """Make a plugin's policy available by name (e.g. for ``track=...@name``)."""
-    _registry.setdefault(policy.name, policy)
-    return _registry[policy.name]
+    """Make a plugin's policy available by name (e.g. for ``track=...@name``) while the
+    sanitizer runs (it is forgotten when it stops)."""
+    STATE.policies.setdefault(policy.name, policy)
+    return STATE.policies[policy.name]
 
 
 def get(policy: str | Policy) -> Policy:
     if isinstance(policy, Policy):
         return policy
     try:
-        return _registry[policy]
+        return STATE.policies[policy]
     except KeyError:
-        accepted = ", ".join(sorted(_registry))
+        accepted = ", ".join(sorted(STATE.policies))
         raise ConfigError(
             f"unknown policy {policy!r}; expected one of: {accepted}", key="policy", value=policy
         ) from None
@@ -435,20 +437,18 @@ def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object,
 # starts (Sanitizer.start) and taken back when it stops. Nothing here calls back up.
 Sink = Callable[[object, OwnerRecord, str, str, threads.ThreadToken, object, Policy,
                  "str | None", FrameType], None]
-_sink: Sink | None = None
 
 
 def connect(sink: Sink | None) -> None:
     """Hand the guards their sink (None: the sanitizer stopped)."""
-    global _sink
-    _sink = sink
+    STATE.sink = sink
 
 
 def report(obj: object, record: OwnerRecord, operation: str, verdict: str,
            token: threads.ThreadToken, holder: object, policy: Policy,
            role: str | None = None) -> None:
     """Report a violation that ``policy`` found (it words the message); the one way in."""
-    sink = _sink
+    sink = STATE.sink
     if sink is not None:
         sink(obj, record, operation, verdict, token, holder, policy, role, sys._getframe(1))
 

@@ -11,6 +11,8 @@ from types import CodeType, FrameType
 
 import wrapt
 
+from sanitizer.state import STATE
+
 # (code, bytecode offset): the line number is looked up only when a report needs
 # it. Reading ``f_lineno`` walks the code's line table on every capture.
 Frame = tuple[CodeType, int]
@@ -25,32 +27,28 @@ _WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
 INTERNAL_DIRS = (_PACKAGE_DIR, _WRAPT_DIR)
 # What capture() does with a frame, by file name: str caches its hash (a code
 # object recomputes its own on every lookup), and one lookup per frame decides.
+# (STATE.kinds caches it per file name.) Instrumented libraries' frames
+# (STATE.library_prefixes) stay in stacks but are skipped when choosing the
+# *site* of an access, so that reports and dedup point at the user's line, not
+# at django/db/.... Capture stops at the first frame of a program's runner
+# (STATE.boundaries: pytest, pluggy): nothing above it is about the object, and
+# walking it costs microseconds per tracked object in a test suite's deep stacks.
 USER, INTERNAL, BOUNDARY = 0, 1, 2
-_kinds: dict[str, int] = {}
-
-# Module path prefixes of instrumented libraries (registered by plugins). Their
-# frames stay in stacks but are skipped when choosing the *site* of an access,
-# so that reports and dedup point at the user's line, not at django/db/....
-_library_prefixes: list[str] = []
-# Directories of a program's runner (pytest, pluggy): capture stops at its first
-# frame. Nothing above it is about the object, and walking it costs microseconds
-# per tracked object in a test suite's deep stacks.
-_boundaries: list[str] = []
 
 
 def kind_of(filename: str) -> int:
     """INTERNAL for the sanitizer's own files (core, plugins, generated guards) and
     wrapt's, BOUNDARY for a registered runner's, USER for the rest (cached)."""
     try:
-        return _kinds[filename]
+        return STATE.kinds[filename]
     except KeyError:
         if filename == GUARD_FILENAME or filename.startswith(INTERNAL_DIRS):
             kind = INTERNAL
-        elif filename.startswith(tuple(_boundaries)):
+        elif filename.startswith(tuple(STATE.boundaries)):
             kind = BOUNDARY
         else:
             kind = USER
-        _kinds[filename] = kind
+        STATE.kinds[filename] = kind
         return kind
 
 
@@ -62,9 +60,9 @@ def is_internal(code: CodeType) -> bool:
 def add_boundary(directory: str) -> None:
     """Stop stack capture at frames from files under ``directory`` (a runner's package)."""
     directory = os.path.join(os.path.abspath(directory), "")
-    if directory not in _boundaries:
-        _boundaries.append(directory)
-        _kinds.clear()
+    if directory not in STATE.boundaries:
+        STATE.boundaries.append(directory)
+        STATE.kinds.clear()
 
 
 def capture(limit: int, frame: FrameType | None = None) -> Stack:
@@ -75,7 +73,7 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
     if frame is None:
         frame = sys._getframe(1)
     frames: list[Frame] = []
-    kinds = _kinds
+    kinds = STATE.kinds
     while frame is not None:  # runs for every tracked object made: kept lean
         code = frame.f_code
         kind = kinds.get(code.co_filename)
@@ -122,12 +120,9 @@ def add_library(module_prefix: str) -> None:
         path = module_prefix.replace(".", os.sep)
         prefixes = (os.sep + path + os.sep, os.sep + path + ".py")
     for prefix in prefixes:
-        if prefix not in _library_prefixes:
-            _library_prefixes.append(prefix)
-            _library_cache.clear()
-
-
-_library_cache: dict[str, bool] = {}
+        if prefix not in STATE.library_prefixes:
+            STATE.library_prefixes.append(prefix)
+            STATE.library_cache.clear()
 
 
 def _installed_dirs() -> tuple[str, ...]:
@@ -153,15 +148,15 @@ INSTALLED_DIRS = _installed_dirs()
 
 def is_library_file(filename: str) -> bool:
     return filename.startswith(INSTALLED_DIRS) or any(
-        prefix in filename for prefix in _library_prefixes)
+        prefix in filename for prefix in STATE.library_prefixes)
 
 
 def is_library(code: CodeType) -> bool:
     filename = code.co_filename
     try:
-        return _library_cache[filename]
+        return STATE.library_cache[filename]
     except KeyError:
-        found = _library_cache[filename] = is_library_file(filename)
+        found = STATE.library_cache[filename] = is_library_file(filename)
         return found
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import threading
 import weakref
 from collections.abc import Callable
 
-# Serials are never reused within a process, unlike idents: T0 is the main thread.
-_serials = itertools.count(1)
+from sanitizer.state import STATE
 
 # Plugins add describers (e.g. "asgiref thread-sensitive executor"); each returns a
 # short phrase about the calling thread, or None.
 ThreadDescriber = Callable[[], "str | None"]
-_describers: list[ThreadDescriber] = []
 
 
 class ThreadToken:
@@ -28,11 +25,12 @@ class ThreadToken:
         self.ident = threading.get_ident()
         self.native_id = threading.get_native_id()
         self.pid = os.getpid()
-        self.serial = 0 if thread is threading.main_thread() else next(_serials)
+        # Serials are never reused within a process, unlike idents.
+        self.serial = 0 if thread is threading.main_thread() else next(STATE.serials)
         self.name = thread.name
         self.thread: weakref.ref[threading.Thread] = weakref.ref(thread)
         self.quiet = 0  # > 0 inside a call already reported: nested layers stay silent
-        _by_ident[self.ident] = self
+        STATE.tokens[self.ident] = self
 
     @property
     def label(self) -> str:
@@ -59,13 +57,9 @@ class ThreadToken:
         return f"<ThreadToken {self.label} {self.current_name()!r} pid={self.pid}>"
 
 
-# The live token of each thread, for naming a thread found from its frames.
-_by_ident: weakref.WeakValueDictionary[int, ThreadToken] = weakref.WeakValueDictionary()
-
-
 def token_of(ident: int) -> ThreadToken | None:
     """The token of the live thread with this ident, if it has one (cold path)."""
-    return _by_ident.get(ident)
+    return STATE.tokens.get(ident)
 
 
 class _TokenLocal(threading.local):
@@ -75,7 +69,7 @@ class _TokenLocal(threading.local):
         self.token = ThreadToken()
 
 
-local = _TokenLocal()
+local = STATE.local = _TokenLocal()
 
 
 def current() -> ThreadToken:
@@ -83,23 +77,15 @@ def current() -> ThreadToken:
     return local.token
 
 
-def _renew_after_fork() -> None:
-    # The child's only thread must not pass for its parent-side self.
-    _by_ident.clear()
+def renew_after_fork() -> None:
+    """In a forked child: its only thread must not pass for its parent-side self."""
+    STATE.tokens.clear()
     local.token = ThreadToken()
 
 
-os.register_at_fork(after_in_child=_renew_after_fork)
-
-
 def add_describer(describer: ThreadDescriber) -> None:
-    if describer not in _describers:
-        _describers.append(describer)
-
-
-def remove_describer(describer: ThreadDescriber) -> None:
-    if describer in _describers:
-        _describers.remove(describer)
+    if describer not in STATE.describers:
+        STATE.describers.append(describer)
 
 
 def describe_current() -> list[str]:
@@ -110,7 +96,7 @@ def describe_current() -> list[str]:
         loop = asyncio.events._get_running_loop()
         if loop is not None:
             phrases.append(f"running event loop {type(loop).__name__} at {id(loop):#x}")
-    for describer in _describers:
+    for describer in STATE.describers:
         try:
             phrase = describer()
         except Exception:  # a describer must never break a report

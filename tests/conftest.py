@@ -13,6 +13,22 @@ import sanitizer
 pytest_plugins = ["dbservers"]
 
 
+@pytest.fixture(autouse=True)
+def _leaves_no_sanitizer_state() -> Iterator[None]:
+    """Every test leaves the sanitizer's state (sanitizer.state) as it found it:
+    disable() is the exact inverse of enable(), plugins' registrations included."""
+    import sqlite3
+    import threading
+
+    from sanitizer.state import STATE
+
+    before = STATE.configuration()
+    patched = (sqlite3.connect, threading.Thread.start)
+    yield
+    assert STATE.configuration() == before, "sanitizer state left behind"
+    assert (sqlite3.connect, threading.Thread.start) == patched, "patches left behind"
+
+
 class Sanitized:
     """The sanitizer running for one test, logging JSON lines to a file."""
 

@@ -1,0 +1,114 @@
+"""All of the sanitizer's global state, in one object, and the one fork handler that renews it.
+
+As structlog keeps its configuration in ``_config.py``, every module reads and
+writes its shared state here, and nowhere else. Two kinds live in it:
+
+* **configuration**, which enable() and the plugins set up (the running
+  sanitizer, the guards' sink, registered policies, thread describers,
+  library prefixes, stack boundaries, import hooks): the running sanitizer
+  saves it when it starts and restores it when it stops, so that disable() is
+  the exact inverse of enable();
+* **bookkeeping** of the process (thread tokens and their serials, the live
+  owner records, the forwarders): it outlives any one sanitizer, and is renewed
+  in a forked child.
+
+Importing this module imports nothing else of the sanitizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sanitizer.control import Sanitizer
+    from sanitizer.forward import Forwarder
+    from sanitizer.ownership import OwnerRecord
+    from sanitizer.policies import Policy, Sink
+    from sanitizer.threads import ThreadDescriber, ThreadToken
+
+
+class State:
+    """The process's sanitizer state; ``STATE`` is the only instance."""
+
+    def __init__(self) -> None:
+        # -- configuration: saved by Sanitizer.start, restored by Sanitizer.stop --
+        self.running: Sanitizer | None = None
+        self.lifecycle = threading.RLock()  # enable/disable
+        #: Where guards report (the running sanitizer's Reporter.report), or None.
+        self.sink: Sink | None = None
+        #: Policies by name: the built-ins, and those of the running plugins.
+        self.policies: dict[str, Policy] = {}
+        #: Phrases about the current thread (plugins': e.g. its asgiref role).
+        self.describers: list[ThreadDescriber] = []
+        #: Path fragments of instrumented libraries: their frames are not "sites".
+        self.library_prefixes: list[str] = []
+        #: Directories of the program's runner (pytest): stack capture stops there.
+        self.boundaries: list[str] = []
+        #: Module name -> post-import hooks (wrapt's trampolines stay for the process).
+        self.import_hooks: dict[str, list[Callable[[Any], None]]] = {}
+        #: @thread_affine classes: the user's declarations, patched whenever one runs.
+        self.affine_classes: weakref.WeakKeyDictionary[type, Policy] = (
+            weakref.WeakKeyDictionary())
+        # -- caches of the above, cleared whenever it changes --
+        self.kinds: dict[str, int] = {}  # file name -> stacks.USER/INTERNAL/BOUNDARY
+        self.library_cache: dict[str, bool] = {}  # file name -> a library's?
+        # -- bookkeeping of the process --
+        self.local: Any = None  # the threads module's token local (hot path)
+        self.serials = itertools.count(1)  # thread serials, never reused: T0 is main
+        self.tokens: weakref.WeakValueDictionary[int, ThreadToken] = (
+            weakref.WeakValueDictionary())  # live tokens by thread ident
+        self.records: list[weakref.ref[OwnerRecord]] = []  # for marking after fork
+        self.records_limit = 1024  # prune dead references when there are this many
+        self.pruning = threading.Lock()
+        self.forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+
+    def save(self) -> dict[str, Any]:
+        """A copy of the configuration, for restore()."""
+        return {"sink": self.sink, "policies": dict(self.policies),
+                "describers": list(self.describers),
+                "library_prefixes": list(self.library_prefixes),
+                "boundaries": list(self.boundaries)}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put the configuration back as save() found it."""
+        self.sink = saved["sink"]
+        self.policies = saved["policies"]
+        self.describers = saved["describers"]
+        self.library_prefixes = saved["library_prefixes"]
+        self.boundaries = saved["boundaries"]
+        self.kinds.clear()
+        self.library_cache.clear()
+
+    def configuration(self) -> dict[str, Any]:
+        """What a test compares to see that nothing was left behind."""
+        return {**self.save(), "running": self.running,
+                "import_hooks": {k: list(v) for k, v in self.import_hooks.items() if v}}
+
+
+STATE = State()
+
+
+def _after_fork_in_child() -> None:
+    """The one fork handler: renew the child's state, in dependency order."""
+    modules = sys.modules
+    threads = modules.get("sanitizer.threads")
+    if threads is not None:
+        threads.renew_after_fork()  # first: the others ask for the current token
+    ownership = modules.get("sanitizer.ownership")
+    if ownership is not None:
+        ownership.invalidate_after_fork()
+    forward = modules.get("sanitizer.forward")
+    if forward is not None:
+        forward.renew_after_fork()
+    if STATE.running is not None:
+        STATE.running.renew_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
