@@ -41,26 +41,28 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from sanitizer import ownership, stacks, threads
-from sanitizer.exceptions import ConfigError
-from sanitizer.instrument import Methods, guards, trackable_factory, tracked_subclass
-from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord
-from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import (
-    EXCLUSIVE_POLICY,
-    PROCESS_POLICY,
+from sanitizer.plugin import (
+    EXCLUSIVE,
+    FORKED,
+    OWN,
+    PROCESS,
+    UNTRACKED,
+    ConfigError,
+    Context,
     Exclusive,
+    Methods,
+    OwnerRecord,
+    Plugin,
     Policy,
-    compile_guard,
-    report,
-    slow_path,
+    ThreadToken,
+    TrackedProxy,
+    Violation,
+    internal_error,
+    new_record,
+    record_of,
 )
-from sanitizer.proxy import TrackedProxy
-
-if TYPE_CHECKING:
-    from sanitizer.report import Violation
 
 # connection -> its libpq-style transaction status (PG_OPEN says which ones are open).
 Status = Callable[[Any], int]
@@ -73,26 +75,22 @@ ENDS_TRANSACTION = frozenset({
 # libpq PGTransactionStatusType: ACTIVE, INTRANS, INERROR (IDLE=0 and UNKNOWN=4 are not open).
 PG_OPEN = frozenset({1, 2, 3})
 
-_context: Context | None = None
-
-
 # -- the transaction-aware policies (threadsafety >= 2) ---------------------------------
 
 
 def check_transaction(obj: object, record: OwnerRecord, operation: str,
-                      me: threads.ThreadToken) -> bool:
+                      me: ThreadToken) -> bool:
     """Report ``operation`` if another thread holds an open transaction on the connection."""
     holder = record.busy
     if (holder is None or holder is me or holder is FORKED or record.sharing
             or record.policy is None or me.pid != record.pid):
         return False  # a forked child is reported by the process checks, once
-    if me.quiet:  # beneath a call (a Session's, say) already reported
-        return False
-    report(obj, record, operation, "transaction", me, holder, record.policy)
-    return True
+    assert record.policy is not None
+    # Not beneath a call (a Session's, say) already reported.
+    return Context.report(obj, record, operation, "transaction", record.policy, holder=holder)
 
 
-def _hush(me: threads.ThreadToken) -> bool:
+def _hush(me: ThreadToken) -> bool:
     """Run a reported call quietly, so that layers beneath it do not report it again."""
     me.quiet += 1
     return True
@@ -112,10 +110,10 @@ def is_open(status: Status | None, conn: Any, operation: str) -> bool:
         return False
 
 
-def _transaction_message(violation: Violation, me: threads.ThreadToken,
+def _transaction_message(violation: Violation, me: ThreadToken,
                          holder: object) -> str:
     them = "another thread"
-    if isinstance(holder, threads.ThreadToken):
+    if isinstance(holder, ThreadToken):
         them = f"thread {holder.label} '{holder.current_name()}'"
         if not holder.alive:
             them += " (which exited without ending it)"
@@ -145,7 +143,7 @@ class DriverExclusive(Exclusive):
     """Exclusive, for connections to a server: says why closing in a forked child harms."""
 
     def describe(self, violation: Violation, record: OwnerRecord,
-                 token: threads.ThreadToken) -> str:
+                 token: ThreadToken) -> str:
         return with_fork_note(super().describe(violation, record, token), violation)
 
 
@@ -167,15 +165,15 @@ class TransactionPolicy(Policy):
         self.status = status
 
     def describe(self, violation: Violation, record: OwnerRecord,
-                 token: threads.ThreadToken) -> str:
+                 token: ThreadToken) -> str:
         if violation.policy == self.name:
             return _transaction_message(violation, token, record.busy)
         return with_fork_note(super().describe(violation, record, token), violation)
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
-        me = threads.local.token
+        me = Context.local.token
         if me.pid != record.pid:
-            reported = bool(slow_path(obj, record, operation, FORKED))  # "process"
+            reported = Context.check(obj, record, operation, FORKED)  # "process"
         else:
             reported = check_transaction(obj, record, operation, me)
         return me, operation, reported and _hush(me)
@@ -196,7 +194,7 @@ class StatementPolicy(Policy):
     """Statements on cursors of threadsafety >= 2 drivers (the hot path: kept flat).
 
     The cursor itself is exclusive (its own record, whose policy is
-    EXCLUSIVE_POLICY); its connection is checked as by TransactionPolicy.
+    EXCLUSIVE); its connection is checked as by TransactionPolicy.
     """
 
     name = "statement"
@@ -208,16 +206,17 @@ class StatementPolicy(Policy):
         self.autocommit = autocommit
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
-        me = threads.local.token
+        me = Context.local.token
         holder = record.busy
         entered = holder is None
         reported = False
         if entered:
             record.busy = me
         elif holder is not me:
-            reported = bool(slow_path(obj, record, operation, holder))
+            reported = Context.check(obj, record, operation, holder)
         try:
             conn = self.connection_of(obj)
+            # The hot path: the attribute itself, not record_of().
             conn_record = getattr(conn, "_sanitizer_record", UNTRACKED)
             held = conn_record.busy
             if held is None:
@@ -269,21 +268,13 @@ def _resource(driver: str, host: Any, port: Any, database: Any) -> dict[str, Any
     return {"driver": driver, "host": host, "port": port, "database": database}
 
 
-def _connection_record(conn: object, policy: Policy) -> OwnerRecord:
-    if _context is None:  # made after the plugin was unloaded
-        return UNTRACKED
-    return _context.new_record(conn, policy)
-
-
 def _cursor_record(cursor: object, connection: Any) -> OwnerRecord:
     """A cursor of a threadsafety >= 2 connection: its own exclusive record."""
-    parent = getattr(connection, "_sanitizer_record", UNTRACKED)
-    if parent.policy is None or _context is None:
-        return UNTRACKED
+    parent = record_of(connection)
     # Cursors are made per query: capturing a stack for each would make
     # conn.cursor() cost ~15 us, so a cursor reports its connection's creation site.
-    return ownership.new_record(EXCLUSIVE_POLICY, cursor, resource=parent.resource,
-                                creation_stack=parent.creation_stack)
+    found = Context.derived_record(cursor, parent, EXCLUSIVE) if parent is not None else None
+    return found or UNTRACKED
 
 
 def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> None:
@@ -292,8 +283,7 @@ def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> N
     try:
         record.resource = make()
     except Exception as exc:
-        if _context is not None:
-            _context.internal_error(exc, "reading the connection's host/port/database")
+        internal_error(exc, "dbapi: reading the connection's host/port/database")
 
 
 def _libpq_init(base: type, policy: Policy, driver: str) -> Any:
@@ -302,7 +292,7 @@ def _libpq_init(base: type, policy: Policy, driver: str) -> Any:
     base_init = base.__init__  # type: ignore[misc]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        record = self._sanitizer_record = _connection_record(self, policy)
+        record = self._sanitizer_record = new_record(self, policy)
         base_init(self, *args, **kwargs)
         _fill_resource(record, lambda: _resource(
             driver, self.info.host, self.info.port, self.info.dbname))
@@ -312,23 +302,23 @@ def _libpq_init(base: type, policy: Policy, driver: str) -> Any:
 
 # -- psycopg2 ---------------------------------------------------------------------------
 
-PSYCOPG2_TRANSACTION_METHODS: dict[str, str | None] = {
+PSYCOPG2_TRANSACTION_METHODS: Methods = {
     "commit": "", "rollback": "", "close": "", "reset": "",
     "__exit__": "exc_type, exc_value, traceback, /",
-    "tpc_begin": None, "tpc_prepare": "", "tpc_commit": None, "tpc_rollback": None,
+    "tpc_begin": OWN, "tpc_prepare": "", "tpc_commit": OWN, "tpc_rollback": OWN,
 }
 # Only fork detection. Not guarded: cancel() (meant for other threads), fileno(), poll().
-PSYCOPG2_OTHER_METHODS: dict[str, str | None] = {
-    "cursor": None, "__enter__": "", "set_session": None, "set_isolation_level": None,
-    "set_client_encoding": None, "lobject": None, "get_parameter_status": None,
-    "get_backend_pid": "", "get_dsn_parameters": "", "xid": None, "tpc_recover": "",
+PSYCOPG2_OTHER_METHODS: Methods = {
+    "cursor": OWN, "__enter__": "", "set_session": OWN, "set_isolation_level": OWN,
+    "set_client_encoding": OWN, "lobject": OWN, "get_parameter_status": OWN,
+    "get_backend_pid": "", "get_dsn_parameters": "", "xid": OWN, "tpc_recover": "",
 }
-PSYCOPG2_STATEMENTS: dict[str, str | None] = {
-    "execute": "query, vars=None", "executemany": "query, vars_list", "callproc": None,
-    "copy_from": None, "copy_to": None, "copy_expert": None,
+PSYCOPG2_STATEMENTS: Methods = {
+    "execute": "query, vars=None", "executemany": "query, vars_list", "callproc": OWN,
+    "copy_from": OWN, "copy_to": OWN, "copy_expert": OWN,
 }
-PSYCOPG2_CURSOR_METHODS: dict[str, str | None] = {
-    "fetchone": "", "fetchmany": None, "fetchall": "", "scroll": None, "close": "",
+PSYCOPG2_CURSOR_METHODS: Methods = {
+    "fetchone": "", "fetchmany": OWN, "fetchall": "", "scroll": OWN, "close": "",
     "nextset": "", "__enter__": "", "__exit__": "exc_type, exc_value, traceback, /",
     "__iter__": "", "__next__": "",
 }
@@ -343,9 +333,8 @@ def _psycopg2_cursor_class(psycopg2: ModuleType, base: type) -> type:
         self._sanitizer_record = _cursor_record(self, connection)
         base_init(self, connection, *args, **kwargs)
 
-    extra = {"__init__": __init__, **guards(base, policy, PSYCOPG2_STATEMENTS)}
-    return tracked_subclass(base, EXCLUSIVE_POLICY, tuple(PSYCOPG2_CURSOR_METHODS.items()),
-                            tuple(extra.items()))
+    extra = {"__init__": __init__, **Context.guards(base, policy, PSYCOPG2_STATEMENTS)}
+    return Context.subclass(base, EXCLUSIVE, PSYCOPG2_CURSOR_METHODS, extra=extra)
 
 
 @functools.cache
@@ -368,7 +357,7 @@ def _psycopg2_hook(psycopg2: ModuleType) -> type:
         positional = len(args) > 1
         factory = args[1] if positional else kwargs.get("cursor_factory")
         factory = factory or self.cursor_factory or stock_cursor_type
-        if trackable_factory(factory, stock_cursor_type):
+        if Context.can_subclass(factory, stock_cursor_type):
             factory = _psycopg2_cursor_class(psycopg2, factory)
         if positional:
             args = (args[0], factory, *args[2:])
@@ -393,9 +382,8 @@ def _psycopg2_connection_class(psycopg2: ModuleType, base: type) -> type:
                                       "__qualname__": base.__qualname__,
                                       "__sanitizer_public_type__": base})
     extra = {"__init__": _libpq_init(base, transaction, "psycopg2"),
-             **guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
-    return tracked_subclass(hooked, PROCESS_POLICY, tuple(PSYCOPG2_OTHER_METHODS.items()),
-                            tuple(extra.items()))
+             **Context.guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
+    return Context.subclass(hooked, PROCESS, PSYCOPG2_OTHER_METHODS, extra=extra)
 
 
 def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
@@ -407,7 +395,7 @@ def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
         try:
             positional = len(args) > 1
             factory = (args[1] if positional else kwargs.get("connection_factory")) or stock
-            if trackable_factory(factory, stock):
+            if Context.can_subclass(factory, stock):
                 tracked = _psycopg2_connection_class(psycopg2, factory)
                 if positional:
                     args = (args[0], tracked, *args[2:])
@@ -422,23 +410,23 @@ def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
 
 # -- psycopg 3 --------------------------------------------------------------------------
 
-PSYCOPG_TRANSACTION_METHODS: dict[str, str | None] = {
-    "commit": "", "rollback": "", "close": "", "transaction": None,
+PSYCOPG_TRANSACTION_METHODS: Methods = {
+    "commit": "", "rollback": "", "close": "", "transaction": OWN,
     "__exit__": "exc_type, exc_val, exc_tb",
-    "tpc_begin": None, "tpc_prepare": "", "tpc_commit": None, "tpc_rollback": None,
+    "tpc_begin": OWN, "tpc_prepare": "", "tpc_commit": OWN, "tpc_rollback": OWN,
 }
 # Only fork detection. Not guarded: cancel() and cancel_safe() (meant for other threads).
-PSYCOPG_OTHER_METHODS: dict[str, str | None] = {
-    "cursor": None, "execute": None, "pipeline": "", "__enter__": "", "notifies": None,
+PSYCOPG_OTHER_METHODS: Methods = {
+    "cursor": OWN, "execute": OWN, "pipeline": "", "__enter__": "", "notifies": OWN,
     "set_autocommit": "value", "set_isolation_level": "value", "set_read_only": "value",
-    "set_deferrable": "value", "tpc_recover": "", "xid": None,
+    "set_deferrable": "value", "tpc_recover": "", "xid": OWN,
 }
-PSYCOPG_STATEMENTS: dict[str, str | None] = {
-    "execute": None, "executemany": None, "copy": None,  # ServerCursor's differ from Cursor's
+PSYCOPG_STATEMENTS: Methods = {
+    "execute": OWN, "executemany": OWN, "copy": OWN,  # ServerCursor's differ from Cursor's
 }
-PSYCOPG_CURSOR_METHODS: dict[str, str | None] = {
-    "fetchone": "", "fetchmany": None, "fetchall": "", "scroll": None, "close": "",
-    "nextset": "", "results": "", "stream": None, "__enter__": "",
+PSYCOPG_CURSOR_METHODS: Methods = {
+    "fetchone": "", "fetchmany": OWN, "fetchall": "", "scroll": OWN, "close": "",
+    "nextset": "", "results": "", "stream": OWN, "__enter__": "",
     "__exit__": "exc_type, exc_val, exc_tb", "__iter__": "",
 }
 
@@ -457,9 +445,9 @@ def _psycopg_cursor_class(base: Any) -> type:
         self._sanitizer_record = _cursor_record(self, connection)
         base_init(self, connection, *args, **kwargs)
 
-    extra = {"__init__": __init__, **guards(base, _PSYCOPG_STATEMENT, PSYCOPG_STATEMENTS)}
-    return tracked_subclass(base, EXCLUSIVE_POLICY, tuple(PSYCOPG_CURSOR_METHODS.items()),
-                            tuple(extra.items()))
+    extra = {"__init__": __init__,
+             **Context.guards(base, _PSYCOPG_STATEMENT, PSYCOPG_STATEMENTS)}
+    return Context.subclass(base, EXCLUSIVE, PSYCOPG_CURSOR_METHODS, extra=extra)
 
 
 def _tracked_factory(name: str, cursor_base: type) -> property:
@@ -467,7 +455,7 @@ def _tracked_factory(name: str, cursor_base: type) -> property:
 
     def get(self: Any) -> Any:
         factory = self.__dict__.get(name)
-        if trackable_factory(factory, cursor_base):
+        if Context.can_subclass(factory, cursor_base):
             return _psycopg_cursor_class(cast(Any, factory))
         return factory
 
@@ -483,10 +471,9 @@ def _psycopg_connection_class(psycopg: ModuleType, base: type) -> type:
         "__init__": _libpq_init(base, _PSYCOPG_TRANSACTION, "psycopg"),
         "cursor_factory": _tracked_factory("cursor_factory", psycopg.Cursor),
         "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.Cursor),
-        **guards(base, _PSYCOPG_TRANSACTION, PSYCOPG_TRANSACTION_METHODS),
+        **Context.guards(base, _PSYCOPG_TRANSACTION, PSYCOPG_TRANSACTION_METHODS),
     }
-    return tracked_subclass(base, PROCESS_POLICY, tuple(PSYCOPG_OTHER_METHODS.items()),
-                            tuple(extra.items()))
+    return Context.subclass(base, PROCESS, PSYCOPG_OTHER_METHODS, extra=extra)
 
 
 def install_psycopg(psycopg: ModuleType, context: Context) -> None:
@@ -496,7 +483,7 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
                 ) -> Any:
         # Connection.connect is a classmethod: make the instance from a tracked subclass.
         cls = instance if isinstance(instance, type) else stock
-        if trackable_factory(cls, stock):
+        if Context.can_subclass(cls, stock):
             try:
                 tracked: Any = _psycopg_connection_class(psycopg, cls)
             except Exception as exc:
@@ -516,13 +503,10 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
 def _patch_in_place(context: Context, cls: type, methods: Methods,
                     init: Callable[[Callable[..., None]], Callable[..., None]] | None = None,
                     *, own_only: bool = True) -> None:
-    """Guard ``cls``'s methods (those it defines itself, if ``own_only``) with EXCLUSIVE."""
-    if own_only:
-        methods = {name: p for name, p in methods.items() if name in vars(cls)}
-    for name, guard in guards(cls, EXCLUSIVE_POLICY, methods).items():
-        context.replace(cls, name, guard)
+    """Guard ``cls``'s methods (those it defines itself, if ``own_only``) with EXCLUSIVE;
+    ``init`` wraps its ``__init__`` (to give instances their records)."""
+    context.patch_class(cls, EXCLUSIVE, methods, own_only=own_only)
     if init is not None:
-        context.replace(cls, "_sanitizer_record", UNTRACKED)
         original = cls.__init__  # type: ignore[misc]
         context.replace(cls, "__init__", functools.wraps(original)(init(original)))
 
@@ -531,9 +515,9 @@ def _share_connection_record(original: Callable[..., None]) -> Callable[..., Non
     """Cursor __init__ of a threadsafety < 2 driver: the cursor shares its connection's record."""
 
     def __init__(self: Any, connection: Any, *args: Any, **kwargs: Any) -> None:
-        record = getattr(connection, "_sanitizer_record", UNTRACKED)
-        if record.policy is not None and "_sanitizer_record" not in self.__dict__:
-            self.__dict__["_sanitizer_record"] = record
+        record = record_of(connection)
+        if record is not None and "_sanitizer_record" not in self.__dict__:
+            Context.attach(self, record)
         original(self, connection, *args, **kwargs)
     return __init__
 
@@ -546,25 +530,25 @@ def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], 
                 original(self, *args, **kwargs)
                 return
             # Set before the driver connects: __init__ calls guarded methods itself.
-            record = _connection_record(self, DRIVER_EXCLUSIVE)
+            record = new_record(self, DRIVER_EXCLUSIVE)
             if record.policy is not None:
-                self.__dict__["_sanitizer_record"] = record
+                Context.attach(self, record)
             original(self, *args, **kwargs)
             _fill_resource(record, lambda: resource(self, args, kwargs))
         return __init__
     return make
 
 
-PYMYSQL_CONNECTION_METHODS: dict[str, str | None] = {
-    "close": "", "commit": "", "rollback": "", "begin": "", "query": None,
-    "next_result": None, "ping": None, "select_db": "db", "set_charset": "charset",
-    "set_character_set": None, "show_warnings": "", "autocommit": "value", "kill": "thread_id",
+PYMYSQL_CONNECTION_METHODS: Methods = {
+    "close": "", "commit": "", "rollback": "", "begin": "", "query": OWN,
+    "next_result": OWN, "ping": OWN, "select_db": "db", "set_charset": "charset",
+    "set_character_set": OWN, "show_warnings": "", "autocommit": "value", "kill": "thread_id",
     "affected_rows": "", "insert_id": "", "__enter__": "", "__exit__": "*exc_info",
 }
-PYMYSQL_CURSOR_METHODS: dict[str, str | None] = {
-    "execute": "query, args=None", "executemany": "query, args", "callproc": None,
+PYMYSQL_CURSOR_METHODS: Methods = {
+    "execute": "query, args=None", "executemany": "query, args", "callproc": OWN,
     "fetchone": "", "fetchmany": "size=None", "fetchall": "", "fetchall_unbuffered": "",
-    "read_next": "", "scroll": None, "close": "", "nextset": "", "__enter__": "",
+    "read_next": "", "scroll": OWN, "close": "", "nextset": "", "__enter__": "",
     "__exit__": "*exc_info", "__iter__": "", "__next__": "",
 }
 
@@ -581,17 +565,17 @@ def install_pymysql(pymysql: ModuleType, context: Context) -> None:
     _patch_in_place(context, cursors.SSCursor, PYMYSQL_CURSOR_METHODS)
 
 
-MYSQLDB_CONNECTION_METHODS: dict[str, str | None] = {
+MYSQLDB_CONNECTION_METHODS: Methods = {
     "close": "", "commit": "", "rollback": "", "begin": "", "query": "query",
-    "next_result": "", "store_result": "", "use_result": "", "ping": None,
-    "select_db": None, "set_character_set": None, "set_sql_mode": "sql_mode",
-    "set_server_option": None, "show_warnings": "", "autocommit": "on", "kill": None,
-    "affected_rows": "", "insert_id": "", "change_user": None, "shutdown": None,
+    "next_result": "", "store_result": "", "use_result": "", "ping": OWN,
+    "select_db": OWN, "set_character_set": OWN, "set_sql_mode": "sql_mode",
+    "set_server_option": OWN, "show_warnings": "", "autocommit": "on", "kill": OWN,
+    "affected_rows": "", "insert_id": "", "change_user": OWN, "shutdown": OWN,
     "__enter__": "", "__exit__": "exc_type, exc_value, traceback",
 }
-MYSQLDB_CURSOR_METHODS: dict[str, str | None] = {
-    "execute": "query, args=None", "executemany": "query, args", "callproc": None,
-    "fetchone": "", "fetchmany": "size=None", "fetchall": "", "scroll": None, "close": "",
+MYSQLDB_CURSOR_METHODS: Methods = {
+    "execute": "query, args=None", "executemany": "query, args", "callproc": OWN,
+    "fetchone": "", "fetchmany": "size=None", "fetchall": "", "scroll": OWN, "close": "",
     "nextset": "", "__enter__": "", "__exit__": "*exc_info", "__iter__": "", "__next__": "",
 }
 
@@ -641,8 +625,8 @@ def _proxy_methods(target: type, policy: Policy, names: tuple[str, ...],
         call = f"self.__wrapped__.{name}(*args, **kwargs)"
         if name in returns_self:
             call = f"_self_or(self, {call})"
-        namespace[name] = compile_guard(policy, call, name, "*args, **kwargs", name,
-                                        {"_self_or": _self_or})
+        namespace[name] = policy.guard_expression(call, name, "*args, **kwargs",
+                                                  {"_self_or": _self_or})
     return namespace
 
 
@@ -665,11 +649,11 @@ class GenericConnectionProxy(TrackedProxy):
 
 @functools.cache
 def _generic_cursor_class(target: Any, shared: bool) -> type:
-    statement = EXCLUSIVE_POLICY if shared else _GENERIC_STATEMENT
+    statement = EXCLUSIVE if shared else _GENERIC_STATEMENT
     namespace = {
         "__slots__": (), "__sanitizer_public_type__": target,
-        **_proxy_methods(target, EXCLUSIVE_POLICY, GENERIC_CURSOR_METHODS),
-        **_proxy_methods(target, EXCLUSIVE_POLICY, ("__enter__", "__iter__"),
+        **_proxy_methods(target, EXCLUSIVE, GENERIC_CURSOR_METHODS),
+        **_proxy_methods(target, EXCLUSIVE, ("__enter__", "__iter__"),
                          returns_self=("__enter__", "__iter__")),
         **_proxy_methods(target, statement, GENERIC_STATEMENTS),
     }
@@ -678,8 +662,8 @@ def _generic_cursor_class(target: Any, shared: bool) -> type:
 
 @functools.cache
 def _generic_connection_class(target: Any, shared: bool) -> type:
-    transaction = EXCLUSIVE_POLICY if shared else TRANSACTION_POLICY
-    other = EXCLUSIVE_POLICY if shared else PROCESS_POLICY
+    transaction = EXCLUSIVE if shared else TRANSACTION_POLICY
+    other = EXCLUSIVE if shared else PROCESS
 
     def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
         raw = self.__wrapped__.cursor(*args, **kwargs)
@@ -696,7 +680,7 @@ def _generic_connection_class(target: Any, shared: bool) -> type:
     namespace = {
         "__slots__": (), "__sanitizer_public_type__": target,
         # Making a cursor is no use of the connection; at level >= 2 forks are still caught.
-        "cursor": cursor if shared else PROCESS_POLICY.guard(cursor, "cursor", name="cursor"),
+        "cursor": cursor if shared else Context.guard(PROCESS, cursor, "cursor"),
         **_proxy_methods(target, transaction, GENERIC_TRANSACTION_METHODS),
         **_proxy_methods(target, other, GENERIC_OTHER_METHODS),
         **_proxy_methods(target, other, ("__enter__",), returns_self=("__enter__",)),
@@ -709,7 +693,7 @@ def _generic_installer(module_name: str) -> Callable[[ModuleType, Context], None
         level = getattr(module, "threadsafety", 1)
         shared = not isinstance(level, int) or level < 2
         policy = DRIVER_EXCLUSIVE if shared else TRANSACTION_POLICY
-        stacks.add_library(module_name)
+        context.add_library(module_name)
 
         def connect(wrapped: Any, _instance: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -717,9 +701,9 @@ def _generic_installer(module_name: str) -> Callable[[ModuleType, Context], None
             if isinstance(conn, TrackedProxy):
                 return conn
             try:
-                record = context.new_record(conn, policy,
-                                            resource=_generic_resource(module_name, wrapped,
-                                                                       args, kwargs))
+                record = context.record(conn, policy,
+                                        resource=_generic_resource(module_name, wrapped,
+                                                                   args, kwargs))
                 proxy = _generic_connection_class(cast(Any, type(conn)), shared)(conn)
                 proxy._sanitizer_record = record
             except Exception as exc:
@@ -756,9 +740,7 @@ BUILTIN_DRIVERS: Mapping[str, Callable[[ModuleType, Context], None]] = {
 
 
 def setup(context: Context) -> None:
-    """Remember the context; hook the drivers named in ``dbapi.drivers``."""
-    global _context
-    _context = context
+    """Hook the drivers named in ``dbapi.drivers``."""
     names = context.options.get("drivers", "")
     for name in (n.strip() for n in names.split("+")):
         if not name:

@@ -29,23 +29,30 @@ thread whose event loop is running, even when DJANGO_ALLOW_ASYNC_UNSAFE is set.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import weakref
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-from sanitizer import control, threads
-from sanitizer.exceptions import ConfigError, ThreadAffinityError
-from sanitizer.ownership import UNTRACKED, OwnerRecord, qualified_type, record_of
-from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import STRICT_POLICY, Policy, Strict, report, slow_path
+from sanitizer.plugin import (
+    UNTRACKED,
+    ConfigError,
+    Context,
+    OwnerRecord,
+    Plugin,
+    Policy,
+    Strict,
+    ThreadAffinityError,
+    ThreadToken,
+    Violation,
+    new_record,
+    qualified_type,
+    record_of,
+)
 
 if TYPE_CHECKING:
     import asyncio
-
-    from sanitizer.report import Violation
 
 ALLOW_ENV = "DJANGO_ALLOW_ASYNC_UNSAFE"
 ASYNC_UNSAFE_MODES = ("always", "allowed", "off")
@@ -61,7 +68,7 @@ class DjangoStrict(Strict):
     name = "strict"
 
     def violated(
-        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        self, record: OwnerRecord, token: ThreadToken, holder: object,
         obj: object = None, operation: str = "",
     ) -> str | None:
         verdict = super().violated(record, token, holder, obj, operation)
@@ -91,7 +98,7 @@ def _closing_after_owner_exit(record: OwnerRecord, obj: object, operation: str) 
     nobody else can be using it (Django's own tests close their threads' connections
     so). A DatabaseWrapper's close() stays reported: Django raises there too."""
     owner = record.owner
-    if not isinstance(owner, threads.ThreadToken) or owner.alive or operation != "close":
+    if not isinstance(owner, ThreadToken) or owner.alive or operation != "close":
         return False
     ref = _wrappers.get(record)
     return ref is None or obj is not ref()
@@ -103,7 +110,7 @@ class AsyncUnsafe(Policy):
     name = "async_unsafe"
 
     def violated(
-        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        self, record: OwnerRecord, token: ThreadToken, holder: object,
         obj: object = None, operation: str = "",
     ) -> str | None:
         return super().violated(record, token, holder, obj, operation) or self.name
@@ -113,7 +120,7 @@ class AsyncUnsafe(Policy):
             _report_async(obj, record, operation)
 
     def describe(self, violation: Violation, record: OwnerRecord,
-                 token: threads.ThreadToken) -> str:
+                 token: ThreadToken) -> str:
         if violation.policy != self.name:
             return super().describe(violation, record, token)
         loop = _running_loop()  # on the reporting thread: its own loop
@@ -139,21 +146,15 @@ CURSOR_METHODS: dict[str, str] = {
     "callproc": "procname, params=None, kparams=None",
     "__enter__": "", "__exit__": "type, value, traceback",
 }
-# A CursorWrapper is checked against its DatabaseWrapper's record, read on each
-# call: no per-cursor work, and cursors made before enable() stay unchecked.
-CURSOR_RECORD = "self.db._sanitizer_record"
+# A CursorWrapper is checked against its DatabaseWrapper's record (record_from="db"),
+# read on each call: no per-cursor work, and cursors made before enable() stay unchecked.
 # Names of the Django methods that call validate_thread_sharing, as users know them.
 OPERATIONS = {"_prepare_cursor": "cursor", "_cursor": "cursor"}
-
-_context: Context | None = None
-
 
 # -- DatabaseWrapper ------------------------------------------------------------------
 
 
 def _install_base(base: ModuleType, context: Context) -> None:
-    global _context
-    _context = context
     cls = base.BaseDatabaseWrapper
     context.replace(cls, "_sanitizer_record", UNTRACKED)
 
@@ -167,27 +168,23 @@ def _install_base(base: ModuleType, context: Context) -> None:
     context.wrap(cls, "__init__", init)
     original_validate = cls.validate_thread_sharing
     original_cursor = cls._cursor
-    local = threads.local
+    local = context.local
 
     def validate_thread_sharing(self: Any) -> None:
         record = self._sanitizer_record
         if local.token is not record.owner and not _renewed_after_fork(self, record):
             caller = sys._getframe(1).f_code.co_name
-            slow_path(self, record, OPERATIONS.get(caller, caller), None)
+            context.check(self, record, OPERATIONS.get(caller, caller))
         original_validate(self)  # Django raises its own DatabaseError, unchanged
 
     # Django validates after the driver made the cursor: check on entry instead, so
     # that the report names cursor() and the driver's own check stays quiet.
     def _cursor(self: Any, name: Any = None) -> Any:
         record = self._sanitizer_record
-        me = local.token
-        if (me is not record.owner and not _renewed_after_fork(self, record)
-                and slow_path(self, record, "cursor", None)):
-            me.quiet += 1  # reported: the driver beneath stays silent (as core guards do)
-            try:
+        if (local.token is not record.owner and not _renewed_after_fork(self, record)
+                and context.check(self, record, "cursor")):
+            with context.quiet():  # reported: the driver beneath stays silent
                 return original_cursor(self, name)
-            finally:
-                me.quiet -= 1
         return original_cursor(self, name)
 
     context.replace(cls, "validate_thread_sharing", validate_thread_sharing)
@@ -227,8 +224,7 @@ def _install_base(base: ModuleType, context: Context) -> None:
 
 
 def _wrapper_record(wrapper: Any, alias: Any) -> OwnerRecord:
-    assert _context is not None
-    record = _context.new_record(
+    record = new_record(
         wrapper, DJANGO_STRICT, object_type=qualified_type(wrapper), name=str(alias),
         resource={"alias": alias, "vendor": getattr(wrapper, "vendor", "unknown")})
     _wrappers[record] = weakref.ref(wrapper)
@@ -248,43 +244,24 @@ def _renewed_after_fork(wrapper: Any, record: OwnerRecord) -> bool:
 
 def _adopt(driver: Any, record: OwnerRecord) -> None:
     """The driver connection (tracked by its own plugin) joins the wrapper's record."""
-    if not isinstance(getattr(driver, "_sanitizer_record", None), OwnerRecord):
-        return
-    with contextlib.suppress(AttributeError, TypeError):  # a driver without the slot
-        object.__setattr__(driver, "_sanitizer_record", record)
+    if record_of(driver) is not None:
+        Context.attach(driver, record)  # a driver without the slot stays as it is
 
 
 def _install_sqlite_backend(backend: ModuleType, context: Context) -> None:
-    """Django connects with check_same_thread=False; ask the sqlite3 plugin for strict."""
+    """Django connects with check_same_thread=False, which alone would make the
+    sqlite3 connection exclusive: made as part of the wrapper (Context.deriving),
+    the sqlite3 plugin guards it by the wrapper's strict policy, with its record."""
 
     def get_new_connection(wrapped: Any, instance: Any, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> Any:
-        try:
-            if args and record_of(instance) is not None:
-                args = (_strict_factory(args[0]), *args[1:])
-        except Exception as exc:
-            context.internal_error(exc, "sqlite3 get_new_connection")
-        driver = wrapped(*args, **kwargs)
         record = record_of(instance)
-        if record is not None:
-            _adopt(driver, record)  # before connect() runs anything on it
-        return driver
+        if record is None:
+            return wrapped(*args, **kwargs)
+        with context.deriving(record):
+            return wrapped(*args, **kwargs)
 
     context.wrap(backend, "DatabaseWrapper.get_new_connection", get_new_connection)
-
-
-def _strict_factory(params: dict[str, Any]) -> dict[str, Any]:
-    sanitizer = control.running()
-    sqlite3 = sys.modules.get("sqlite3")
-    sqlite_plugin = sys.modules.get("sanitizer.plugins.sqlite3")
-    if (sanitizer is None or sqlite3 is None or sqlite_plugin is None
-            or not any(p.name == "sqlite3" for p in sanitizer.plugins)):
-        return params
-    factory = params.get("factory", sqlite3.Connection)
-    if (not isinstance(factory, type) or not issubclass(factory, sqlite3.Connection)
-            or getattr(factory, "__sanitizer_policy__", None) is not None):
-        return params
-    return {**params, "factory": sqlite_plugin.connection_class(sqlite3, factory, STRICT_POLICY)}
 
 
 # -- CursorWrapper --------------------------------------------------------------------
@@ -295,10 +272,10 @@ def _install_utils(utils: ModuleType, context: Context) -> None:
     for name, params in CURSOR_METHODS.items():
         original = vars(cls).get(name)
         if original is not None:
-            context.replace(cls, name, DJANGO_STRICT.guard(original, name, params, name=name,
-                                                           record=CURSOR_RECORD))
+            context.replace(cls, name, context.guard(DJANGO_STRICT, original, name, params,
+                                                     record_from="db"))
 
-    local = threads.local
+    local = context.local
     original_getattr = cls.__getattr__
     original_iter = cls.__iter__
 
@@ -307,13 +284,13 @@ def _install_utils(utils: ModuleType, context: Context) -> None:
     def __getattr__(self: Any, attr: str) -> Any:
         record = self.db._sanitizer_record
         if local.token is not record.owner and not _driver_tracked(self, record):
-            slow_path(self, record, attr, None)
+            context.check(self, record, attr)
         return original_getattr(self, attr)
 
     def __iter__(self: Any) -> Any:
         record = self.db._sanitizer_record
         if local.token is not record.owner and not _driver_tracked(self, record):
-            slow_path(self, record, "__iter__", None)
+            context.check(self, record, "__iter__")
         return original_iter(self)
 
     context.replace(cls, "__getattr__", __getattr__)
@@ -323,20 +300,16 @@ def _install_utils(utils: ModuleType, context: Context) -> None:
 def _driver_tracked(wrapper: Any, record: OwnerRecord) -> bool:
     """Whether the driver cursor beneath checks the same record (then it reports)."""
     cursor = vars(wrapper).get("cursor")
-    if getattr(type(cursor), "__sanitizer_policy__", None) is None:
+    if not Context.guarded_class(type(cursor)):
         return False
-    found = getattr(cursor, "_sanitizer_record", None)
-    if found is None:  # e.g. sqlite3 cursors read their connection's record
-        found = getattr(getattr(cursor, "connection", None), "_sanitizer_record", None)
-    return found is record
+    # sqlite3 cursors read their connection's record.
+    return (record_of(cursor) or record_of(getattr(cursor, "connection", None))) is record
 
 
 # -- async_unsafe ---------------------------------------------------------------------
 
 
 def _install_asyncio(module: ModuleType, context: Context) -> None:
-    global _context
-    _context = context
     mode = context.options.get("async_unsafe", "always")
     if mode not in ASYNC_UNSAFE_MODES:
         raise ConfigError(f"bad value {mode!r} for django.async_unsafe; expected one of: "
@@ -382,17 +355,13 @@ def _async_unsafe_call(frame: FrameType) -> None:
     func = frame.f_locals.get("func")
     args = frame.f_locals.get("args") or ()
     obj = args[0] if args else func
-    record = record_of(obj)
-    if record is None:
-        if _context is None:
-            return
-        record = _context.new_record(obj, ASYNC_UNSAFE)
-    operation = getattr(func, "__name__", "call")
-    _report_async(obj, record, operation)
+    record = record_of(obj) or new_record(obj, ASYNC_UNSAFE)
+    if record.policy is not None:
+        _report_async(obj, record, getattr(func, "__name__", "call"))
 
 
 def _report_async(obj: object, record: OwnerRecord, operation: str) -> None:
-    report(obj, record, operation, ASYNC_UNSAFE.name, threads.current(), None, ASYNC_UNSAFE)
+    Context.report(obj, record, operation, ASYNC_UNSAFE.name, ASYNC_UNSAFE)
 
 
 # -- asgiref roles ---------------------------------------------------------------------

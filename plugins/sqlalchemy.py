@@ -27,74 +27,59 @@ from collections.abc import Callable
 from types import CodeType, FrameType, ModuleType
 from typing import Any
 
-from sanitizer.instrument import patch_class
-from sanitizer.ownership import UNTRACKED, OwnerRecord
-from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import EXCLUSIVE_POLICY
+from sanitizer.plugin import EXCLUSIVE, OWN, Context, Methods, OwnerRecord, Plugin
 
-# Method name -> exact parameter list of its guard (None: *args, **kwargs).
 # Uses of the unit of work and the transaction; not the read-only introspection
 # (is_active, in_transaction(), info, dirty/new/deleted, get_bind()).
-SESSION_METHODS: dict[str, str | None] = {
+SESSION_METHODS: Methods = {
     "execute": "statement, params=None, **kw",
     "scalar": "statement, params=None, **kw",
     "scalars": "statement, params=None, **kw",
-    "get": None, "get_one": None, "query": None,
-    "add": None, "add_all": None, "delete": None, "delete_all": None,
-    "merge": None, "merge_all": None, "refresh": None,
-    "expire": None, "expire_all": "", "expunge": None, "expunge_all": "",
+    "get": OWN, "get_one": OWN, "query": OWN,
+    "add": OWN, "add_all": OWN, "delete": OWN, "delete_all": OWN,
+    "merge": OWN, "merge_all": OWN, "refresh": OWN,
+    "expire": OWN, "expire_all": "", "expunge": OWN, "expunge_all": "",
     "flush": "objects=None", "commit": "", "rollback": "", "prepare": "", "close": "", "reset": "",
-    "invalidate": "", "begin": None, "begin_nested": "", "connection": None,
-    "bulk_save_objects": None, "bulk_insert_mappings": None, "bulk_update_mappings": None,
-    "is_modified": None, "enable_relationship_loading": None,
+    "invalidate": "", "begin": OWN, "begin_nested": "", "connection": OWN,
+    "bulk_save_objects": OWN, "bulk_insert_mappings": OWN, "bulk_update_mappings": OWN,
+    "is_modified": OWN, "enable_relationship_loading": OWN,
     "__enter__": "", "__exit__": "type_, value, traceback", "__iter__": "",
     "__contains__": "instance",
 }
-CONNECTION_METHODS: dict[str, str | None] = {
+CONNECTION_METHODS: Methods = {
     "execute": "statement, parameters=None, **kw",
     "scalar": "statement, parameters=None, **kw",
     "scalars": "statement, parameters=None, **kw",
-    "exec_driver_sql": None,
-    "begin": "", "begin_nested": "", "begin_twophase": None,
-    "commit": "", "rollback": "", "close": "", "invalidate": None, "detach": "",
-    "execution_options": None,  # changes this Connection in place
-    "get_isolation_level": "", "recover_twophase": "", "commit_prepared": None,
-    "rollback_prepared": None, "__enter__": "", "__exit__": "type_, value, traceback",
+    "exec_driver_sql": OWN,
+    "begin": "", "begin_nested": "", "begin_twophase": OWN,
+    "commit": "", "rollback": "", "close": "", "invalidate": OWN, "detach": "",
+    "execution_options": OWN,  # changes this Connection in place
+    "get_isolation_level": "", "recover_twophase": "", "commit_prepared": OWN,
+    "rollback_prepared": OWN, "__enter__": "", "__exit__": "type_, value, traceback",
 }
 
 GC_FINALIZER = "_sanitizer_gc_finalize_fairy"
 
-_context: Context | None = None
+
+def _session_connect_code() -> CodeType | None:
+    """The code of SessionTransaction._connection_for_bind, through which a Session
+    opens each of its Connections (None until sqlalchemy.orm.session is loaded)."""
+    session = sys.modules.get("sqlalchemy.orm.session")
+    connect = getattr(getattr(session, "SessionTransaction", None), "_connection_for_bind",
+                      None)
+    return inspect.unwrap(connect).__code__ if connect is not None else None
 
 
-# The code of SessionTransaction._connection_for_bind, through which every
-# Connection a Session opens is made (set when sqlalchemy.orm.session loads).
-_session_connects: set[CodeType] = set()
-
-
-def _make_record(obj: Any) -> OwnerRecord:
-    if _context is None:  # pragma: no cover - a patch outlived its plugin
-        return UNTRACKED
-    return _context.new_record(obj, EXCLUSIVE_POLICY)
-
-
-def _make_connection_record(conn: Any) -> OwnerRecord:
-    # A Session's Connection is derived from it and shares its record: using
-    # either is using the Session, and no stack is captured per transaction.
-    # Found by looking up the stack once per Connection, which costs nothing
-    # per statement (unlike a wrapper around _connection_for_bind).
-    frame: FrameType | None = sys._getframe(1)
+def _session_of(frame: FrameType | None, connect: CodeType | None) -> Any:
+    """The Session opening a Connection, found a few frames up (once per Connection,
+    which costs nothing per statement, unlike a wrapper around _connection_for_bind)."""
     for _ in range(12):
-        if frame is None:
-            break
-        if frame.f_code in _session_connects:
-            session = getattr(frame.f_locals.get("self"), "session", None)
-            record = getattr(session, "_sanitizer_record", None)
-            if isinstance(record, OwnerRecord):
-                return record
-            break
+        if frame is None or connect is None:
+            return None
+        if frame.f_code is connect:
+            return getattr(frame.f_locals.get("self"), "session", None)
         frame = frame.f_back
-    return _make_record(conn)
+    return None
 
 
 def _sanitizer_gc_finalize_fairy(wrapped: Callable[..., Any], args: tuple[Any, ...],
@@ -120,20 +105,23 @@ def _install_pool(module: ModuleType, context: Context) -> None:
 
 
 def _install_session(module: ModuleType, context: Context) -> None:
-    global _context
-    _context = context
-    patch_class(module.Session, EXCLUSIVE_POLICY, context.replace, _make_record,
-                SESSION_METHODS)
-    connect = getattr(getattr(module, "SessionTransaction", None), "_connection_for_bind", None)
-    if connect is not None:
-        _session_connects.add(inspect.unwrap(connect).__code__)
+    context.patch_class(module.Session, EXCLUSIVE, SESSION_METHODS,
+                        make_record=lambda session: context.record(session, EXCLUSIVE))
 
 
 def _install_connection(module: ModuleType, context: Context) -> None:
-    global _context
-    _context = context
-    patch_class(module.Connection, EXCLUSIVE_POLICY, context.replace, _make_connection_record,
-                CONNECTION_METHODS)
+    connect: list[CodeType | None] = []  # looked up at the first Connection
+
+    def make_record(conn: Any) -> OwnerRecord:
+        # A Session's Connection is derived from it and shares its record: using
+        # either is using the Session, and no stack is captured per transaction.
+        if not connect or connect[0] is None:
+            connect[:] = [_session_connect_code()]
+        record = context.record_of(_session_of(sys._getframe(1), connect[0]))
+        return record if record is not None else context.record(conn, EXCLUSIVE)
+
+    context.patch_class(module.Connection, EXCLUSIVE, CONNECTION_METHODS,
+                        make_record=make_record)
 
 
 plugin = Plugin(

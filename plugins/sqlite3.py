@@ -24,19 +24,17 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-from sanitizer import stacks
-from sanitizer.instrument import trackable_factory, tracked_subclass
-from sanitizer.ownership import UNTRACKED
-from sanitizer.plugin import Context, Plugin
-from sanitizer.policies import (
-    EXCLUSIVE_POLICY,
-    STRICT_POLICY,
+from sanitizer.plugin import (
+    EXCLUSIVE,
+    INTERNAL_DIRS,
+    STRICT,
     Check,
+    Context,
+    Methods,
+    Plugin,
     Policy,
-    checked,
-    concurrent_call,
+    new_record,
 )
-from sanitizer.proxy import make_proxy
 
 POLICY, CONCURRENT, RELEASE, NONE = Check.POLICY, Check.CONCURRENT, Check.RELEASE, Check.NONE
 
@@ -97,46 +95,39 @@ SIGNATURES: dict[str, str] = {
 }
 
 
-def methods(checks: dict[str, Check], names: Iterable[str] | None = None
-            ) -> tuple[tuple[str, str | None], ...]:
-    """The guarded methods of a table (``names`` only, if given) with their parameter lists."""
-    return tuple((name, SIGNATURES.get(name)) for name, check in checks.items()
-                 if check is not NONE and (names is None or name in names))
-
-
-_context: Context | None = None
+def methods(checks: dict[str, Check], names: Iterable[str] | None = None) -> Methods:
+    """A table of checks as a method table (``names`` only, if given)."""
+    return {name: (SIGNATURES.get(name), check) for name, check in checks.items()
+            if names is None or name in names}
 
 
 # A cursor reads its connection's record: derived objects share it, and no
 # per-cursor Python __init__ is needed (that alone would cost ~225 ns a cursor).
-CURSOR_RECORD = "self.connection._sanitizer_record"
-
-
 @functools.cache
 def cursor_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     """Tracked subclass of a cursor factory; instances share their connection's record."""
     # A factory's own overrides keep their defaults: Django's execute(query, params=None)
     # treats None and () differently ("SELECT '%s'" would otherwise become "SELECT '?'").
     stock = sqlite3.Cursor
-    signatures = tuple((name, params if getattr(base, name, None) is getattr(stock, name, None)
-                        else None) for name, params in methods(CURSOR_CHECKS))
-    return tracked_subclass(base, policy, signatures, record=CURSOR_RECORD,
-                            checks=tuple(CURSOR_CHECKS.items()))
+    table: Methods = {
+        name: (SIGNATURES.get(name) if getattr(base, name, None) is getattr(stock, name, None)
+               else None, check) for name, check in CURSOR_CHECKS.items()}
+    return Context.subclass(base, policy, table, record_from="connection")
 
 
 def _attribute(descriptor: Any, name: str, policy: Policy, read: Check, write: Check | None
                ) -> property | None:
     """A property checking reads and writes of a C attribute as the table says
     (None: nothing to check, the C descriptor stays as it is)."""
-    get = checked(policy, read)
-    set_ = checked(policy, write) if write is not None else None
+    get = read.under(policy)
+    set_ = write.under(policy) if write is not None else None
     if get is None and set_ is None:
         return None
     getter = get.guard(descriptor.__get__, name, "", name=name) if get else descriptor.__get__
     setter = (set_.guard(descriptor.__set__, name, "value", name=name) if set_
               else descriptor.__set__)
     if name == "isolation_level" and ISOLATION_LEVEL_NONE is not write:
-        commits = checked(policy, ISOLATION_LEVEL_NONE)
+        commits = ISOLATION_LEVEL_NONE.under(policy)
         assert commits is not None
         setter = _by_value(commits.guard(descriptor.__set__, name, "value", name=name), setter)
     return property(getter, setter, doc=descriptor.__doc__)
@@ -156,31 +147,27 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     base_init = base.__init__
     base_blobopen = getattr(base, "blobopen", None)
     base_backup = base.backup
-    checks = tuple(CONNECTION_CHECKS.items())
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        context = _context  # None: made by type(conn)(...) after the plugin was unloaded
-        # Before any user __init__ code runs.
-        self._sanitizer_record = (UNTRACKED if context is None
-                                  else context.new_record(self, policy))
+        # Before any user __init__ code runs (UNTRACKED if the sanitizer is off).
+        self._sanitizer_record = new_record(self, policy)
         base_init(self, *args, **kwargs)
 
     def tracked_cursor(factory: Any) -> Any:
-        if trackable_factory(factory, sqlite3.Cursor):
+        if Context.can_subclass(factory, sqlite3.Cursor):
             return cursor_class(sqlite3, factory, policy)
         return factory
 
     def blobopen(self: Any, *args: Any, **kwargs: Any) -> Any:
         assert base_blobopen is not None
         blob = base_blobopen(self, *args, **kwargs)
-        return make_proxy(blob, self._sanitizer_record, dict(methods(BLOB_CHECKS)),
-                          BLOB_CHECKS)
+        return Context.proxy(blob, self._sanitizer_record, methods(BLOB_CHECKS))
 
     def backup(self: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
         # The source is checked by this guard; sqlite3 lets any thread's connection
         # be the target, as long as no other thread is using it meanwhile.
-        return concurrent_call(target, "backup", "the target of backup()", base_backup,
-                               self, target, *args, **kwargs)
+        return Context.concurrent_call(target, "backup", "the target of backup()",
+                                       base_backup, self, target, *args, **kwargs)
 
     # conn.execute() in C would call the guarded cursor() and cursor.execute()
     # again; one check is enough, so the guard builds the cursor and runs the
@@ -203,7 +190,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     }
     extra: dict[str, Any] = {"__init__": __init__}
     for name, (params, call) in expressions.items():
-        guard = checked(policy, CONNECTION_CHECKS[name])
+        guard = CONNECTION_CHECKS[name].under(policy)
         assert guard is not None
         if getattr(base, name) is stock.__dict__[name]:
             extra[name] = guard.guard_expression(call, name, params, scope,
@@ -211,7 +198,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
         else:  # the user's factory overrides it: honour theirs
             extra[name] = guard.guard(getattr(base, name), name, name=name)
     for name, func in (("blobopen", blobopen), ("backup", backup)):
-        guard = checked(policy, CONNECTION_CHECKS[name])
+        guard = CONNECTION_CHECKS[name].under(policy)
         if hasattr(base, name) and guard is not None:
             extra[name] = guard.guard(func, name, name=name)
     for name, (read, write) in CONNECTION_ATTRIBUTES.items():
@@ -221,8 +208,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
         if attribute is not None:
             extra[name] = attribute
     plain = [name for name in CONNECTION_CHECKS if name not in extra]
-    return tracked_subclass(base, policy, methods(CONNECTION_CHECKS, plain),
-                            tuple(extra.items()), checks=checks)
+    return Context.subclass(base, policy, methods(CONNECTION_CHECKS, plain), extra=extra)
 
 
 # sqlite3.connect()'s parameters after the database, in order.
@@ -242,7 +228,7 @@ POSITIONAL_WARNING = ("Passing more than 1 positional argument to {}() is deprec
 def _warn_positional(function: str) -> None:
     if sys.version_info >= (3, 12):  # always, where POSITIONAL_DEPRECATED holds
         warnings.warn(POSITIONAL_WARNING.format(function), DeprecationWarning,
-                      skip_file_prefixes=stacks.INTERNAL_DIRS)
+                      skip_file_prefixes=INTERNAL_DIRS)
 
 
 def _as_keywords(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -265,8 +251,12 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
     stock_classes: dict[bool, type] = {}  # the common case, by check_same_thread
 
     def tracked(factory: Any, same_thread: Any) -> Any:
-        if factory is stock or trackable_factory(factory, stock):
-            policy = STRICT_POLICY if same_thread else EXCLUSIVE_POLICY
+        if factory is stock or Context.can_subclass(factory, stock):
+            # A connection made as part of another tracked object (Django's wrapper)
+            # is guarded by that object's policy, and will join its record.
+            parent = context.parent_record()
+            policy = (parent.policy if parent is not None and parent.policy is not None
+                      else STRICT if same_thread else EXCLUSIVE)
             return connection_class(sqlite3, factory, policy)
         return factory
 
@@ -286,6 +276,8 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
             elif "factory" in kwargs:
                 kwargs = {**kwargs, "factory": tracked(kwargs["factory"],
                                                        kwargs.get("check_same_thread", True))}
+            elif context.parent_record() is not None:
+                kwargs = {**kwargs, "factory": tracked(stock, True)}
             else:
                 same_thread = bool(kwargs.get("check_same_thread", True))
                 cls = stock_classes.get(same_thread)
@@ -300,8 +292,6 @@ def _patch_connect(sqlite3: ModuleType, context: Context) -> Any:
 
 
 def install(sqlite3: ModuleType, context: Context) -> None:
-    global _context
-    _context = context
     connect = _patch_connect(sqlite3, context)
     context.wrap(sqlite3, "connect", connect)
     dbapi2 = getattr(sqlite3, "dbapi2", None)

@@ -99,6 +99,7 @@ def patch_class(
     patch: Callable[[Any, str, Any], Any],
     make_record: Callable[[Any], Any] | None,
     methods: Methods | None = None,
+    checks: Checks | None = None,
 ) -> None:
     """Guard a Python class in place.
 
@@ -110,7 +111,8 @@ def patch_class(
     if "_sanitizer_record" not in vars(cls):
         patch(cls, "_sanitizer_record", UNTRACKED)
         patch(cls, "__sanitizer_policy__", policy)  # the guards are compiled for it
-        for name, guard in guards(cls, policy, methods or public_methods(cls)).items():
+        for name, guard in guards(cls, policy, methods or public_methods(cls), RECORD,
+                                  checks).items():
             patch(cls, name, guard)
     if make_record is None or "__sanitizer_init__" in vars(cls):
         return

@@ -117,6 +117,11 @@ class Check(enum.Enum):
     #: Not checked: it touches nothing another thread's call could be using.
     NONE = "none"
 
+    def under(self, policy: Policy) -> Policy | None:
+        """The policy whose guards check an operation this way under ``policy`` (None:
+        leave it unguarded)."""
+        return checked(policy, self)
+
 
 class Policy:
     """How a tracked object may be used across threads. Subclasses set ``template``."""

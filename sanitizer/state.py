@@ -56,6 +56,8 @@ class State:
         #: @thread_affine classes: the user's declarations, patched whenever one runs.
         self.affine_classes: weakref.WeakKeyDictionary[type, Policy] = (
             weakref.WeakKeyDictionary())
+        #: Per thread: the record that objects recorded now join (Context.deriving).
+        self.deriving = threading.local()
         # -- caches of the above, cleared whenever it changes --
         self.kinds: dict[str, int] = {}  # file name -> stacks.USER/INTERNAL/BOUNDARY
         self.library_cache: dict[str, bool] = {}  # file name -> a library's?

@@ -20,6 +20,7 @@ def _leaves_no_sanitizer_state() -> Iterator[None]:
     import sqlite3
     import threading
 
+    import sanitizer.control  # noqa: F401 - the built-in policies are registered on import
     from sanitizer.state import STATE
 
     before = STATE.configuration()
