@@ -644,11 +644,12 @@ class TestRobustness:
             self, suite: pytest.Pytester) -> None:
         suite.makeconftest('''
             from sanitizer.plugins import pytest_plugin
+            import sanitizer.plugins.pytest_plugin.session
 
             def broken(self, record):
                 raise RuntimeError("renderer broke")
 
-            pytest_plugin._Plugin._render = broken  # a bug in the plugin, on purpose
+            pytest_plugin.session._Plugin._render = broken  # a bug in the plugin, on purpose
         ''')
         suite.makepyfile(test_bug='''
             from helpers import violate

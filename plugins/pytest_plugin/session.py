@@ -1,123 +1,10 @@
-"""pytest integration: every thread-affinity violation fails the test it happened in.
+"""The running pytest plugin: attributes each violation to a test and fails it.
 
-Switching it on
----------------
-Any of these, each taking the same option string as ``SANITIZE_THREADS``
-(``1``, ``raise``, ``action=raise,suppressions=sup.txt`` ...)::
-
-    pytest --sanitize-threads                 # defaults
-    pytest --sanitize-threads=raise           # an option string
-    [pytest] sanitize_threads = action=warn   # ini option (pytest.ini, tox.ini, pyproject.toml)
-    SANITIZE_THREADS=1 pytest                 # the environment
-
-Precedence is command line > ini option > environment: the layers are merged in
-that order, each one's keys overriding the ones below it (``SANITIZE_THREADS=
-suppressions=s.txt pytest --sanitize-threads=raise`` runs with both), and an
-off word (``0``, ``off``) in a higher layer switches the sanitizer off. An empty
-value counts as unset. Relative paths in the ini option are relative to the ini
-file, like pytest's own; elsewhere to the current directory. A bad string is a
-usage error (exit status 4) with a one-line message. When on, the header shows
-the settings in force. ``--sanitize-threads PATH`` (with a space) takes PATH as
-a test path whenever it exists or is not a valid option string; write
-``--sanitize-threads=OPTIONS`` to be explicit.
-
-With ``SANITIZE_THREADS`` set, the ``.pth`` line has already started a sanitizer
-at interpreter start; the plugin stops it and starts one with the merged options,
-so exactly one runs (and objects tracked so far stay tracked). The plugin's
-sanitizer runs from just before conftest.py files are imported until the end of
-the session; it is off afterwards. A test that switches it off affects only
-itself: the plugin switches it back on before the next test. ``-p
-no:sanitize_threads`` leaves an environment-started sanitizer running on its
-own, without test attribution.
-
-Attribution
------------
-A violation belongs to the test, and the phase (setup, call, teardown), running
-when it happens, in whatever thread: the test's own, a background thread whose
-exception was swallowed, an executor or a server thread. Whatever the action,
-even ``log``, it makes that test fail (call) or error (setup, teardown): the
-report gets a ``Thread-affinity violations (<phase>)`` section with the full
-report, a one-line reason, and a ``thread_affinity_violation`` user property
-(JSON) that JUnit XML shows. ``action=raise`` raises ``ThreadAffinityError`` at
-the call; when that exception is what fails the test, it is not reported twice,
-and a ThreadAffinityError that kills a background thread is not reported again
-as pytest's "unhandled thread exception" warning. ``action=warn`` also issues a
-``ThreadAffinityWarning``. Without ``log_file`` the sanitizer's own log lines are
-not written (the test report carries them); with it, they are, as usual. A
-skipped test with a violation fails; an xfailed one stays xfailed, with the
-section. Tests without violations are left exactly as they were.
-
-Threads that outlive their test
--------------------------------
-Each thread started while the plugin is on remembers the test and phase it was
-started in (threads it starts inherit that). A violation in such a thread is
-attributed to the test running when it happens, which then fails, and is marked
-``in thread 'NAME' started during <phase> of <earlier test>``. If no test is
-running (collection, between tests, session end) it is attributed to the
-session: the terminal summary lists it under "outside any test", it goes into
-the JSON report with ``"nodeid": null``, and the exit status becomes 1 (tests
-failed) if it would have been 0.
-
-Child processes
----------------
-Violations in children, forked (``os.fork()``, ``multiprocessing``'s fork
-context) or spawned with ``SANITIZE_THREADS`` inherited, are forwarded to the
-process that runs the tests, through a file it names in
-``SANITIZE_THREADS_FORWARD`` (one write per violation: a child's ``os._exit()``
-loses nothing). Each phase picks up what arrived; a violation then counts as a
-thread's would, for the test that started the child, or marked ``in child
-process PID started during <phase> of <earlier test>``; records have its
-``child_pid``. The parent's settings for the test apply.
-
-Per test
---------
-``@pytest.mark.sanitize_threads(False)`` opts a test out: its violations are
-ignored (not raised, not reported; a ``log_file`` still logs them). Keyword
-arguments override the session's options for that test:
-
-* ``action="raise"`` (any action string) - what to do on a violation in it;
-* ``suppressions="path"`` - extra suppression rules for it, relative to the
-  test's file; the session's rules still apply;
-* ``policy="process"`` - which policies it enforces, written like the
-  ``plugins`` option: names joined by ``+`` enforce only those,
-  ``policy="-exclusive"`` ignores violations of that policy.
-
-Other options (log_file, format, track, ...) are for the whole session. The
-marker does nothing while the sanitizer is off.
-
-The ``thread_violations`` fixture is the live list of the test's violations
-not yet expected (``ThreadViolation`` objects: policy, object_type, operation,
-message, when, count, thread, origin, violation)::
-
-    with thread_violations.expect(policy="strict", object_type="sqlite3.*"):
-        run_in_thread(conn.execute, "select 1")   # join threads inside the block
-
-``expect`` fails the test unless a matching violation happens inside the block;
-the matching ones are consumed (moved to ``thread_violations.expected``) and no
-longer fail the test, and a matching ThreadAffinityError raised in the block
-(``action=raise``) is swallowed. The fixture skips the test when the sanitizer
-is off.
-
-Reports
--------
-The terminal summary lists the violations per test (headline and sites), and
-the suppression rules (the session's and the markers') that never matched.
-``--sanitize-threads-report=PATH`` (relative to the directory pytest was started
-in) writes every record (the event's fields as in ``log_file``, plus the test's
-node id, phase, whether it was expected, and for xdist the worker) as one JSON
-document. With ``exitcode=N`` the exit status is N when violations were found.
-With pytest-xdist each worker attributes its own tests; records travel in the
-reports' user properties, the session's in the worker output, and the controller
-prints the summary and writes the report. Stacks in these reports leave out
-pytest's and pluggy's frames.
-
-A bug in the plugin itself is said once per kind (as the sanitizer's
-``sanitizer_internal_error`` event, or a line on the terminal) and the run goes
-on; a test whose violations could not be rendered still fails. A report file
-that cannot be written is one line and exit status 4.
-
-Before it is switched on this module only registers options, the marker and
-the fixture: it imports nothing of the sanitizer core and patches nothing.
+Loaded only when a form switches the sanitizer on (see the package's entry
+module). It takes part in the sanitizer's report pipeline as one step (after
+dedup: attribute the occurrence to the running test, give it that test's
+actions); reports are rendered by ``render``, workers and the controller of
+pytest-xdist exchange records through ``xdist``.
 """
 
 from __future__ import annotations
@@ -137,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sanitizer.plugins.pytest_plugin import MARKER, _say, xdist
+from sanitizer.plugins.pytest_plugin import render as rendering
+
 if TYPE_CHECKING:
     from sanitizer.control import Sanitizer
     from sanitizer.forward import Channel, ForwardedViolation
@@ -144,200 +34,17 @@ if TYPE_CHECKING:
     from sanitizer.report import Occurrence, Violation
     from sanitizer.suppressions import Rule
 
-OPTION = "--sanitize-threads"
-REPORT_OPTION = "--sanitize-threads-report"
-INI = "sanitize_threads"
-MARKER = "sanitize_threads"
-PROPERTY = "thread_affinity_violation"
-WORKER_OUTPUT = "sanitize_threads"
-WORKER_RULES = "sanitize_threads_rules"  # each worker's suppression hits, by origin
 MARKER_KEYS = ("action", "suppressions", "policy")
-ENV_VAR = "SANITIZE_THREADS"  # sanitizer.options.ENV_VAR, without importing it
-
 _ORIGIN = "_sanitize_threads_origin"  # on threading.Thread objects: (nodeid, phase)
 _OURS = "_sanitize_threads_recorded"  # on ThreadAffinityErrors the plugin raised
-
-_PLUGIN = pytest.StashKey["_Plugin"]()
-_HELP = pytest.StashKey[bool]()
-_TRIED = pytest.StashKey[bool]()
 
 # Active instances in this process, innermost last: pytester's in-process runs nest.
 _stack: list[_Plugin] = []
 
 
-# -- options ---------------------------------------------------------------------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("sanitize-threads", "thread-affinity sanitizer")
-    group.addoption(
-        OPTION, dest="sanitize_threads", nargs="?", const="1", default=None,
-        metavar="OPTIONS",
-        help="switch the thread-affinity sanitizer on. OPTIONS: as in SANITIZE_THREADS, e.g. "
-        "--sanitize-threads=action=raise; overrides the ini option, which overrides "
-        "SANITIZE_THREADS")
-    group.addoption(
-        REPORT_OPTION, dest="sanitize_threads_report", default=None, metavar="PATH",
-        help="write every thread-affinity violation, with its test's node id, to PATH as JSON")
-    parser.addini(INI, "switch the thread-affinity sanitizer on, with options as in "
-                  "SANITIZE_THREADS (overridden by --sanitize-threads)", default="")
-
-
-def _is_option_string(token: str) -> bool:
-    """Whether ``--sanitize-threads TOKEN`` gives TOKEN as the option string (not a path)."""
-    if "::" in token or os.path.exists(token):
-        return False
-    if "=" in token:
-        return True
-    from sanitizer import options as opts
-    from sanitizer.exceptions import ConfigError
-
-    try:
-        opts.parse(token)
-    except opts.HelpRequested:
-        return True
-    except ConfigError:
-        return False
-    return True
-
-
-def _fix_args(args: list[str]) -> str | None:
-    """Rewrite ``--sanitize-threads PATH`` so PATH stays a test path; the last value given."""
-    value = None
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        if arg == "--":
-            break
-        if arg == OPTION:
-            following = args[index + 1] if index + 1 < len(args) else None
-            if following is not None and not following.startswith("-") \
-                    and _is_option_string(following):
-                value = following
-                index += 2
-                continue
-            args[index] = OPTION + "=1"
-            value = "1"
-        elif arg.startswith(OPTION + "="):
-            value = arg.partition("=")[2]
-        index += 1
-    return value
-
-
-@dataclasses.dataclass
-class _Resolved:
-    options: Options | None
-    sources: list[str]
-    switched_off: bool  # an off word in the highest layer that said anything
-
-
-def _layers(config: pytest.Config, cli_value: str | None) -> list[tuple[str, str]]:
-    """The forms that were given, lowest precedence first: environment, ini, command line."""
-    ini_text = config.getini(INI)
-    layers = [
-        (ENV_VAR, os.environ.get(ENV_VAR)),
-        (f"ini option {INI}", ini_text if isinstance(ini_text, str) else None),
-        (OPTION, cli_value),
-    ]
-    return [(source, text) for source, text in layers if text and text.strip()]
-
-
-def _resolve(config: pytest.Config, layers: list[tuple[str, str]]) -> _Resolved:
-    """Merge the layers in order, each one's keys overriding the ones below."""
-    from sanitizer import options as opts
-
-    options: Options | None = None
-    sources: list[str] = []
-    off = False
-    for source, text in layers:
-        parsed = opts.parse(text, source=source, base=options or opts.DEFAULTS)
-        if parsed is None:
-            options, sources, off = None, [], True
-            continue
-        if source.startswith("ini") and config.inipath is not None:
-            parsed = _relative_paths(parsed, options or opts.DEFAULTS, config.inipath.parent)
-        options, off = parsed, False
-        sources.append(source)
-    return _Resolved(options, sources, off)
-
-
-def _relative_paths(options: Options, base: Options, directory: Path) -> Options:
-    for key in ("suppressions", "log_file"):
-        value = getattr(options, key)
-        if value and value != getattr(base, key) and not os.path.isabs(value):
-            options = options.replace(**{key: str(directory / value)})
-    return options
-
-
-def _activate(config: pytest.Config, cli_value: str | None) -> None:
-    """Start the plugin if any form switches it on; once per config."""
-    if config.stash.get(_TRIED, False):
-        return
-    config.stash[_TRIED] = True
-    layers = _layers(config, cli_value)
-    if not layers:
-        return  # the common case: imports nothing, patches nothing
-    capture = config.pluginmanager.getplugin("capturemanager")
-    quiet = (capture.global_and_fixture_disabled() if capture is not None
-             else contextlib.nullcontext())
-    with quiet:  # the sanitizer dups stderr: the real one, not the capture file
-        _start(config, layers)
-
-
-def _start(config: pytest.Config, layers: list[tuple[str, str]]) -> None:
-    from sanitizer import options as opts
-    from sanitizer.exceptions import ConfigError
-
-    try:
-        resolved = _resolve(config, layers)
-    except opts.HelpRequested:
-        config.stash[_HELP] = True
-        return
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    if resolved.options is None:
-        control = sys.modules.get("sanitizer.control")
-        if resolved.switched_off and not _stack and control is not None:
-            control.disable()  # started by the .pth, switched off for this run
-        return
-    plugin = _Plugin(config, resolved.options, resolved.sources)
-    try:
-        plugin.start()
-    except ConfigError as exc:  # unreadable suppressions, unknown plugin ...
-        plugin.stop()
-        raise pytest.UsageError(str(exc)) from None
-    config.stash[_PLUGIN] = plugin
-    config.add_cleanup(plugin.stop)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) -> None:
-    # Early, so that objects made while conftest.py files are imported are tracked,
-    # as they are when SANITIZE_THREADS starts the sanitizer.
-    value = _fix_args(args)
-    if value is None:
-        value = getattr(early_config.known_args_namespace, "sanitize_threads", None)
-    _activate(early_config, value)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{MARKER}(enabled=True, *, action=None, suppressions=None, policy=None): "
-        "thread-affinity sanitizer settings for this test; sanitize_threads(False) opts out")
-    _activate(config, config.option.sanitize_threads)  # if registered after the early hook
-    if config.stash.get(_HELP, False):
-        from sanitizer.options import help_text
-
-        sys.stdout.write(help_text() + "\n")
-        pytest.exit("sanitize-threads: help shown", returncode=0)
-    plugin = config.stash.get(_PLUGIN, None)
-    if plugin is not None and not config.pluginmanager.is_registered(plugin):
-        plugin.configure()
-        config.pluginmanager.register(plugin, "sanitize_threads_session")
-
-
-# -- what a test sees --------------------------------------------------------------
+def active() -> bool:
+    """Whether a plugin of this process is on (pytester's in-process runs nest)."""
+    return bool(_stack)
 
 
 class ThreadViolation:
@@ -448,16 +155,6 @@ class _Expectation:
 
         return (isinstance(exc, ThreadAffinityError)
                 and exc.violation.key in {v.violation.key for v in found})
-
-
-@pytest.fixture
-def thread_violations(request: pytest.FixtureRequest) -> ThreadViolations:
-    """The thread-affinity violations seen so far in this test; ``.expect()`` consumes them."""
-    plugin = request.config.stash.get(_PLUGIN, None)
-    run = plugin.current if plugin is not None else None
-    if plugin is None or run is None or run.item is not request.node:
-        pytest.skip("thread_violations needs the sanitizer: run pytest --sanitize-threads")
-    return run.violations
 
 
 # -- per-test settings ----------------------------------------------------------------
@@ -697,9 +394,7 @@ class _Plugin:
             self.count_rules(rules)
 
     def configure(self) -> None:
-        self.worker = hasattr(self.config, "workerinput")
-        self.controller = (not self.worker
-                           and self.config.getoption("dist", "no") not in ("no", None))
+        self.worker, self.controller = xdist.roles(self.config)
         if self.controller:  # the workers run the tests, each with its own sanitizer
             self.stop()
 
@@ -915,7 +610,7 @@ class _Plugin:
                 report.location != run.location or report.nodeid != run.nodeid)):
             if self.controller:  # the xdist controller runs no tests: workers' reports
                 try:
-                    self.take_worker_records(report)
+                    xdist.take_report(self, report)
                 except Exception as exc:
                     self.internal_error(exc, "taking a worker's records")
             return
@@ -953,21 +648,13 @@ class _Plugin:
         """Every record of the test, as JSON user properties (JUnit XML, xdist, the report)."""
         item = run.item
         for record in run.all:
-            data = self._as_dict(record, run.nodeid)
+            data = rendering.record(self, record, run.nodeid)
             value = json.dumps(data, default=repr)
-            report.user_properties.append((PROPERTY, value))
+            report.user_properties.append((rendering.PROPERTY, value))
             if item is not None:
-                item.user_properties.append((PROPERTY, value))
+                item.user_properties.append((rendering.PROPERTY, value))
             if not self.worker:
-                self._take(data)
-
-    def take_worker_records(self, report: pytest.TestReport) -> None:
-        """On the xdist controller: a worker's records travel in its teardown reports."""
-        if report.when == "teardown":
-            for name, value in report.user_properties:
-                if name == PROPERTY and isinstance(value, str):
-                    with contextlib.suppress(ValueError):
-                        self._take(json.loads(value))
+                self.take(data)
 
     def _fail(self, report: pytest.TestReport, run: _TestRun,
               records: list[ThreadViolation]) -> None:
@@ -982,96 +669,29 @@ class _Plugin:
         report.outcome = "failed"
         with contextlib.suppress(AttributeError):
             del report.wasxfail
-        first = records[0]
-        head = (f"thread-affinity violation ({first.policy}): {first.message}"
-                if len(records) == 1 else
-                f"{len(records)} thread-affinity violations; first ({first.policy}): "
-                f"{first.message}")
-        lines = [head]
-        for record in records:
-            if len(records) > 1:
-                lines.append(f"  ({record.policy}) {record.message}")
-            lines += ["  " + line for line in self._sites(self._as_dict(record, None))]
-        report.longrepr = "\n".join(lines)
+        report.longrepr = rendering.reason(self, records)
 
     # -- records ---------------------------------------------------------------------------
 
-    def _as_dict(self, record: ThreadViolation, nodeid: str | None) -> dict[str, Any]:
-        from sanitizer import stacks
-        from sanitizer.render import EVENT
-
-        violation = record.violation
-        event = violation.event()
-        event["count"] = record.count
-        site = violation.access_site
-        created = violation.creation_site
-        return {
-            "id": record.id,
-            "nodeid": nodeid,
-            "when": record.when,
-            "expected": record.expected,
-            "thread_name": record.thread,
-            "child_pid": record.child_pid,
-            "origin": ({"nodeid": record.origin[0], "when": record.origin[1]}
-                       if record.origin else None),
-            "worker": self.config.workerinput["workerid"] if self.worker  # type: ignore[attr-defined]
-            else None,
-            "access_site": stacks.frame_dict(site) if site else None,
-            "creation_site": stacks.frame_dict(created) if created else None,
-            "event": EVENT,
-            **event,
-        }
-
-    def _sites(self, data: dict[str, Any]) -> list[str]:
-        lines = []
-        for label, key in (("used at", "access_site"), ("created at", "creation_site")):
-            site = data.get(key)
-            if site:
-                lines.append(f"{label} {self._path(site['file'])}:{site['line']} in "
-                             f"{site['function']}")
-        origin = data.get("origin")
-        started = f" started during {origin['when']} of {origin['nodeid']}" if origin else ""
-        if data.get("child_pid") is not None:
-            lines.append(f"in child process {data['child_pid']}{started}")
-        elif origin:
-            lines.append(f"in thread {data.get('thread_name')!r}{started}")
-        return lines
-
-    def _path(self, filename: str) -> str:
-        root = str(self.config.rootpath) + os.sep
-        return filename[len(root):] if filename.startswith(root) else filename
-
     def _render(self, record: ThreadViolation) -> str:
-        from sanitizer.render import render_console
+        return rendering.section(self, record)
 
-        data = self._as_dict(record, None)
-        text = render_console(None, "warning", data)
-        started = (f", started during {record.origin[1]} of {record.origin[0]}"
-                   if record.origin else "")
-        if record.child_pid is not None:
-            text += f"\n  (in child process {record.child_pid}{started})"
-        elif record.origin:
-            text += f"\n  (in thread {record.thread!r}{started})"
-        return text
-
-    def _take(self, data: dict[str, Any]) -> None:
+    def take(self, data: dict[str, Any]) -> None:
+        """Keep a record for the summary and the JSON report (once, by its id)."""
         if data.get("id") not in self.seen_records:  # reports may repeat the item's properties
             self.seen_records.add(data.get("id"))
             self.records.append(data)
 
-    def _session_records(self) -> list[dict[str, Any]]:
+    def session_records(self) -> list[dict[str, Any]]:
+        """The records of violations outside any test."""
         with self.lock:
             records = list(self.session_run.all)
-        return [self._as_dict(r, None) for r in records]
+        return [rendering.record(self, r, None) for r in records]
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:
-        output = getattr(node, "workeroutput", None) or {}
         try:
-            for data in json.loads(output.get(WORKER_OUTPUT, "[]")):
-                self._take(data)
-            for origin, (rule, hits) in json.loads(output.get(WORKER_RULES, "{}")).items():
-                self.rule_hits.setdefault(origin, [rule, 0])[1] += int(hits)
+            xdist.take_node_output(self, node)
         except Exception as exc:
             self.internal_error(exc, "taking a worker's session records")
 
@@ -1089,33 +709,21 @@ class _Plugin:
         try:
             self._tally_rules()
             if self.worker:
-                output = self.config.workeroutput  # type: ignore[attr-defined]
-                output[WORKER_OUTPUT] = json.dumps(self._session_records(), default=repr)
-                output[WORKER_RULES] = json.dumps(self.rule_hits)
+                xdist.send_output(self)
             else:
                 self._finish(session)
         except Exception as exc:
             self.internal_error(exc, "sessionfinish")
 
     def _finish(self, session: pytest.Session) -> None:
-        for data in self._session_records():
-            self._take(data)
+        for data in self.session_records():
+            self.take(data)
         failing = [r for r in self.records if not r.get("expected")]
         if any(r["nodeid"] is None for r in failing) and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if failing and self.options.exitcode is not None:
             session.exitstatus = self.options.exitcode
-        path = self.config.option.sanitize_threads_report
-        if path:
-            target = Path(self.config.invocation_params.dir, path)
-            document = {"options": self.options.to_string(), "records": self.records}
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(json.dumps(document, indent=2, default=repr) + "\n")
-            except OSError as exc:  # the user's path: a usage error, not a bug
-                _say(self.config, f"sanitize-threads: cannot write the {REPORT_OPTION} file: "
-                                  f"{exc}")
-                session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        rendering.write_report(self, session)
 
     # -- terminal ----------------------------------------------------------------------------
 
@@ -1127,49 +735,9 @@ class _Plugin:
         if self.worker:
             return
         try:
-            self._summary(terminalreporter)
+            rendering.summary(self, terminalreporter)
         except Exception as exc:
             self.internal_error(exc, "terminal summary")
-
-    def _summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        unused = [(origin, rule) for origin, (rule, hits) in self.rule_hits.items() if not hits]
-        if unused:  # stale rules get noticed, as at the end of a program
-            terminalreporter.write_line("sanitize-threads: suppressions that never matched:")
-            for origin, rule in unused:
-                terminalreporter.write_line(f"  {origin}: {rule}")
-        failing = [r for r in self.records if not r.get("expected")]
-        if not failing:
-            return
-        write = terminalreporter.write_line
-        terminalreporter.write_sep("=", "thread-affinity violations")
-        groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
-        for data in failing:
-            groups.setdefault((data["nodeid"], data["when"]), []).append(data)
-        for (nodeid, when), records in groups.items():
-            where = f"{nodeid} ({when})" if nodeid else f"outside any test ({when})"
-            worker = records[0].get("worker")
-            write(where + (f" [{worker}]" if worker else ""), bold=True)
-            for data in records:
-                count = f" [{data['count']}x]" if data.get("count", 1) > 1 else ""
-                write(f"  ({data['policy']}) {data['message']}{count}")
-                for line in self._sites(data):
-                    write("      " + line)
-        tests = len({r["nodeid"] for r in failing if r["nodeid"]})
-        outside = sum(1 for r in failing if not r["nodeid"])
-        total = sum(int(r.get("count", 1)) for r in failing)
-        summary = f"sanitize-threads: {total} violation(s) in {tests} test(s)"
-        if outside:
-            summary += f", {outside} outside any test"
-        write(summary, red=True)
-
-
-def _say(config: pytest.Config, line: str) -> None:
-    """One line on the terminal (outside any test's captured output)."""
-    terminal = config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None:
-        terminal.write_line(line, red=True)
-    elif sys.__stderr__ is not None:
-        sys.__stderr__.write(line + "\n")
 
 
 def _failure_keys(report: pytest.TestReport, raised: list[BaseException]
