@@ -131,6 +131,9 @@ class Policy:
     #: Whether this policy's guards decide by it rather than by the record's
     #: policy (derived objects' guards normally follow the record they read).
     own_verdict: ClassVar[bool] = False
+    #: Whether ``record.busy`` names the thread inside a call while one is (exclusive's
+    #: guards keep it so); other policies' records say nothing of who is inside.
+    marks_inside: ClassVar[bool] = False
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -253,6 +256,7 @@ class Exclusive(Policy):
 
     name = "exclusive"
     template = EXCLUSIVE
+    marks_inside = True
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -301,11 +305,14 @@ class Process(Policy):
 class ConcurrentUse(Policy):
     """The CONCURRENT check: a violation only while another thread is inside a call.
 
-    Objects whose policy tracks the thread inside (exclusive) say who it is in
-    ``busy``; for the others (strict) the other threads' frames tell, on the cold
-    path: a guard frame on the same record is a call in progress. Reported as
-    ``exclusive``, the rule it breaks. Use after fork is left to the operations
-    that really touch the object.
+    Who is inside: objects whose policy marks it (exclusive) say so in ``busy``,
+    set by their policy-checked calls. For the others (strict), only the owner
+    may be inside a call, so only another thread's use is checked, and the other
+    threads' frames tell, on the cold path: a guard frame on the same record is
+    a call in progress. (The owner's use while another thread is inside is not:
+    that thread's own use was reported already.) Reported as ``exclusive``, the
+    rule it breaks. Use after fork is left to the operations that really touch
+    the object.
     """
 
     name = "concurrent"
@@ -313,9 +320,9 @@ class ConcurrentUse(Policy):
     own_verdict = True
 
     def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
-        if isinstance(holder, threads.ThreadToken) and holder is not token:
+        if record.policy is not None and record.policy.marks_inside:
             return holder
-        return thread_inside(record, token)
+        return None if token is record.owner else thread_inside(record, token)
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
