@@ -476,12 +476,16 @@ class TestAttribution:
                     pass
                 done.set()
 
+            lingering = []
+
             def test_starts_thread():
-                threading.Thread(target=linger, name="lingerer").start()
+                lingering.append(threading.Thread(target=linger, name="lingerer"))
+                lingering[0].start()
 
             def test_innocent():
                 go.set()
                 assert done.wait(30)
+                lingering[0].join()
         ''')
         result = suite.runpytest("--sanitize-threads", "-p", "no:randomly")
         result.assert_outcomes(passed=1, failed=1)
