@@ -512,16 +512,58 @@ class TestAsgiref:
 
 
     def test_asgi_requests_are_silent(self, sanitized: Sanitized) -> None:
-        """Real ASGIHandler requests: a ThreadSensitiveContext thread each, closed at the end."""
-        from django.test import AsyncClient
+        """Real ASGIHandler requests: a ThreadSensitiveContext thread each, with its own
+        connection. (Django's AsyncClient would not do: it runs every request's view on
+        asgiref's one global thread, on one connection that other tests use too.)"""
+        from django.core.handlers.asgi import ASGIHandler
+        from django.db.backends.signals import connection_created
 
-        async def requests() -> list[Any]:
-            client = AsyncClient()
-            return [await client.get("/one/") for _ in range(3)]
+        opened: list[tuple[str, Any]] = []  # (thread, connection) of each request's view
 
-        responses = asyncio.run(requests())
-        assert [(r.status_code, r.content) for r in responses] == [(200, b"1")] * 3
+        def note(sender: object, connection: Any, **kwargs: object) -> None:
+            opened.append((threading.current_thread().name, connection))
+
+        async def requests() -> list[tuple[int, bytes]]:
+            return [await asgi_get(ASGIHandler(), "/one/") for _ in range(3)]
+
+        connection_created.connect(note)
+        try:
+            responses = asyncio.run(requests())
+        finally:
+            connection_created.disconnect(note)
+        assert responses == [(200, b"1")] * 3
         assert sanitizer.violations() == []
+        threads = {name for name, _ in opened}
+        assert len(opened) == len(threads) == 3, opened  # a thread and connection each
+        assert all(record_of(conn) is not None for _, conn in opened)
+        # The control: a request's connection (in-memory: still open), used from here.
+        opened[0][1].connection.execute("SELECT 1")
+        assert found() == [("strict", "execute")]
+
+
+async def asgi_get(handler: Any, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from an ASGI application, as a server would: (status, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    requested = False
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the handler cancels this when done
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await handler(scope, receive, send)
+    start, *body = messages
+    return start["status"], b"".join(m.get("body", b"") for m in body)
 
 
 class TestAsyncUnsafe:
