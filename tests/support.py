@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pytest
+
+    from sanitizer.ownership import OwnerRecord
 
 Records = list[dict[str, Any]]
 
@@ -73,6 +76,97 @@ def in_thread(target: Callable[[], Any], name: str = "other") -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+# -- positive controls: a silence test shows that the sanitizer was watching ---------------
+
+
+def tracked(obj: object) -> OwnerRecord:
+    """The owner record of ``obj``; fails if it is not tracked (a silence test could not fail)."""
+    from sanitizer.ownership import record_of
+
+    record = record_of(obj)
+    assert record is not None, f"{obj!r} is not tracked"
+    return record
+
+
+def found() -> list[tuple[str, str]]:
+    """(policy, operation) of each distinct violation the running sanitizer has seen."""
+    import sanitizer
+
+    return [(v.policy, v.operation) for v in sanitizer.violations()]
+
+
+@contextlib.contextmanager
+def held(call: Callable[[Callable[[], int]], object], name: str = "holder"
+         ) -> Iterator[threading.Thread]:
+    """Run the block while a thread ``name`` is inside a call on some object.
+
+    ``call(wait)`` runs in that thread and must call ``wait()`` from inside the call
+    it holds; ``wait`` returns 1 once the block is over. Events only, no sleeps: the
+    block starts once the holder is inside, and the holder is joined after it; what
+    the holder raised is raised here.
+    """
+    inside, release, settled = threading.Event(), threading.Event(), threading.Event()
+
+    def wait() -> int:
+        inside.set()
+        settled.set()
+        assert release.wait(30), "the holder was never released"
+        return 1
+
+    def run() -> object:
+        try:
+            return call(wait)
+        finally:
+            settled.set()  # also when it failed before getting inside
+
+    thread, outcome = started(run, name)
+    try:
+        assert settled.wait(30), "the holder never got inside"
+        if not inside.is_set():
+            thread.join()
+            raise outcome.get("error") or AssertionError("the holder returned without waiting")
+        yield thread
+    finally:
+        release.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def inside_query(conn: Any, name: str = "holder") -> contextlib.AbstractContextManager[Any]:
+    """``held`` for a sqlite3 connection: thread ``name`` is inside ``conn.execute()``.
+
+    The holder uses ``conn`` itself (it registers a waiting SQL function and runs a
+    query calling it), so ``conn`` must allow that thread: an exclusive connection
+    (check_same_thread=False), or one that ``name``'s thread owns. A statement on
+    ``conn`` from the block would wait for SQLite's connection mutex: stop it with
+    ``raising()``, or misuse it in a way that does not block (setting an option).
+    """
+    def query(wait: Callable[[], int]) -> object:
+        conn.create_function("held_by_test", 0, wait)
+        return conn.execute("select held_by_test()").fetchall()
+    return held(query, name)
+
+
+@contextlib.contextmanager
+def raising() -> Iterator[None]:
+    """Switch the running sanitizer to action=log+raise for the block (fresh options).
+
+    A misuse that would otherwise wait for a lock the holder keeps (SQLite's
+    connection mutex, a server connection's socket) is stopped before the library.
+    """
+    from sanitizer import control
+
+    running = control.running()
+    assert running is not None
+    options = running.options
+    running.options = running.reporter.options = options.replace(action="log+raise")
+    try:
+        yield
+    finally:
+        running.options = running.reporter.options = options
 
 
 def pytester_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, helpers: str,

@@ -12,7 +12,7 @@ from typing import Any
 import aiosqlite
 import pytest
 from conftest import Sanitized
-from support import line_of, run_program
+from support import found, line_of, run_program
 
 import sanitizer
 from sanitizer.ownership import record_of
@@ -46,8 +46,11 @@ def test_options_and_counters_from_the_loop_are_silent(sanitized: Sanitized) -> 
             await db.commit()
             async with db.execute("select x from t") as cursor:
                 assert [tuple(row) for row in await cursor.fetchall()] == [(1,)]
+            assert sanitized.records() == []
+            with pytest.raises(sqlite3.ProgrammingError):  # the control: a statement is not
+                db._conn.execute("select 1")
     asyncio.run(main())
-    assert sanitized.records() == []
+    assert found() == [("strict", "execute")]  # and closing it in its worker is silent
 
 
 def test_backup_between_two_workers_is_silent(sanitized: Sanitized) -> None:
@@ -60,8 +63,11 @@ def test_backup_between_two_workers_is_silent(sanitized: Sanitized) -> None:
             assert record_of(target._conn) is not None
             await source.backup(target)  # in source's worker; target is another worker's
             assert await target.execute_fetchall("select x from t") == [(7,)]
+            assert sanitized.records() == []
+            with pytest.raises(sqlite3.ProgrammingError):  # the control: the loop's statement
+                target._conn.execute("select 1")
     asyncio.run(main())
-    assert sanitized.records() == []
+    assert found() == [("strict", "execute")]
 
 
 def test_the_loop_using_the_connection_during_a_query_is_caught(sanitized: Sanitized) -> None:
@@ -100,6 +106,7 @@ class TestScopedSuppressions:
 
         async def main() -> None:
             async with aiosqlite.connect(":memory:") as db:
+                assert record_of(db._conn) is not None
                 await db.create_function("hold", 0, held.hold)
                 query = asyncio.ensure_future(db.execute_fetchall("select hold()"))
                 await asyncio.to_thread(held.entered.wait, 10)
@@ -122,15 +129,20 @@ class TestScopedSuppressions:
     def test_creation_site_rule_hides_it(self, enable: Any, tmp_path: Path) -> None:
         # Every aiosqlite connection is created in aiosqlite/core.py.
         assert self.race(enable, tmp_path, "creation-site:*/aiosqlite/core.py") == []
+        assert unused_rules() == ""  # it hid the race, which did happen
 
     def test_unscoped_site_rule_matches_either_stack(self, enable: Any, tmp_path: Path) -> None:
         assert self.race(enable, tmp_path, "site:*/aiosqlite/core.py") == []
+        assert unused_rules() == ""
 
     def test_access_function_rule(self, enable: Any, tmp_path: Path) -> None:
         name = "TestScopedSuppressions.race.<locals>.main"
         assert self.race(enable, tmp_path, f"access-function:{name}") == []
+        assert unused_rules() == ""
         sanitizer.disable()
-        assert self.race(enable, tmp_path, f"creation-function:{name}") != []
+        records = self.race(enable, tmp_path, f"creation-function:{name}")
+        assert records != []
+        assert [(r["policy"], r["operation"]) for r in records] == [("strict", "execute")]
 
 
 def test_scoped_rule_in_a_program_under_sanitize_threads(tmp_path: Path) -> None:
@@ -166,3 +178,9 @@ def test_scoped_rule_in_a_program_under_sanitize_threads(tmp_path: Path) -> None
 def sanitizer_running() -> Any:
     from sanitizer import control
     return control.running()
+
+
+def unused_rules() -> str:
+    """The exit summary's list of suppressions that never matched, if any."""
+    summary = "\n".join(sanitizer_running().reporter.exit_summary())
+    return summary.partition("suppressions that never matched:")[2]

@@ -6,12 +6,13 @@ import sqlite3
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import in_thread
+from support import found, held, in_thread, inside_query, raising, tracked
 
 import sanitizer
 from sanitizer import options as opts
@@ -23,6 +24,10 @@ class Account:
 
     def deposit(self, amount: int) -> None:
         self.balance += amount
+
+    def hold(self, wait: Callable[[], object]) -> None:
+        """Stay inside a call on this account until ``wait()`` returns (support.held)."""
+        wait()
 
     def __enter__(self) -> Account:
         return self
@@ -44,10 +49,13 @@ class TestTrack:
 
     def test_untracked_instances_of_a_patched_class_stay_silent(
             self, sanitized: Sanitized) -> None:
-        sanitizer.track(Account())
+        account = sanitizer.track(Account())
         plain = Account()
         in_thread(lambda: plain.deposit(1))
         assert sanitizer.violations() == []
+        # The control: the tracked instance of the same (patched) class is watched.
+        in_thread(lambda: account.deposit(1))
+        assert found() == [("strict", "deposit")]
 
     def test_c_object_is_wrapped_in_a_transparent_proxy(self, sanitized: Sanitized) -> None:
         tracked = sanitizer.track(sqlite3.connect(":memory:", check_same_thread=False),
@@ -60,10 +68,14 @@ class TestTrack:
         exclusive = sanitizer.track(Account(), policy="exclusive")
         assert type(strict) is Account and type(exclusive) is not Account
         assert isinstance(exclusive, Account)
+        tracked(exclusive)
         in_thread(lambda: exclusive.deposit(1))  # handoff: fine under exclusive
         assert sanitizer.violations() == []
         in_thread(lambda: strict.deposit(1))
         assert [v.policy for v in sanitizer.violations()] == ["strict"]
+        with held(exclusive.hold):  # the control: an overlap is what exclusive forbids
+            exclusive.deposit(1)
+        assert found() == [("strict", "deposit"), ("exclusive", "deposit")]
 
     def test_track_is_a_no_op_while_disabled(self) -> None:
         assert not sanitizer.is_enabled()
@@ -77,18 +89,22 @@ class TestTrack:
         def take_over() -> None:
             sanitizer.transfer(account)
             account.deposit(1)
+        tracked(account)
         in_thread(take_over)
         assert sanitizer.violations() == []
         account.deposit(1)  # the main thread no longer owns it
         assert [v.policy for v in sanitizer.violations()] == ["strict"]
+        assert found() == [("strict", "deposit")]
 
     def test_shared_allows_cross_thread_use_inside_only(self, sanitized: Sanitized) -> None:
         account = sanitizer.track(Account())
+        tracked(account)
         with sanitizer.shared(account), sanitizer.shared(account):  # nests, counted
             in_thread(lambda: account.deposit(1))
         assert sanitizer.violations() == []
         in_thread(lambda: account.deposit(1))
         assert len(sanitizer.violations()) == 1
+        assert found() == [("strict", "deposit")]
 
 
 @sanitizer.thread_affine
@@ -131,6 +147,7 @@ class TestThreadAffine:
 
     def test_exclusive_allows_handoff_and_catches_overlap(self, sanitized: Sanitized) -> None:
         pool = Pool()
+        tracked(pool)
         in_thread(pool.get)  # handoff
         assert sanitizer.violations() == []
         entered, release = threading.Event(), threading.Event()
@@ -228,6 +245,7 @@ class TestSuppressions:
         rules.write_text("# comment\nobject:*Account\nsite:nowhere.py:12\nfunction:no.such\n")
         run = enable(suppressions=str(rules))
         account = sanitizer.track(Account())
+        tracked(account)
         in_thread(lambda: account.deposit(1))
         assert run.records() == []
         summary = "\n".join(sanitizer_running().reporter.exit_summary())
@@ -235,11 +253,22 @@ class TestSuppressions:
 
     def test_site_and_function_rules(self, enable: Any, tmp_path: Path) -> None:
         rules = tmp_path / "s.txt"
-        rules.write_text(f"site:*/{Path(__file__).name}\n")
+        # The function is the creation stack's (the worker's stack has only the lambda).
+        for rule in (f"site:*/{Path(__file__).name}", "function:*test_site_and_function_rules"):
+            rules.write_text(f"{rule}\n")
+            run = enable(suppressions=str(rules))
+            account = sanitizer.track(Account())
+            tracked(account)
+            in_thread(lambda: account.deposit(1))  # noqa: B023 - called at once
+            assert run.records() == []
+            summary = "\n".join(sanitizer_running().reporter.exit_summary())
+            assert "never matched" not in summary, summary  # the rule hid a real report
+        # The control: the same misuse under rules that do not match it is reported.
+        rules.write_text("site:*/nowhere.py\nfunction:no.such\n")
         run = enable(suppressions=str(rules))
         account = sanitizer.track(Account())
         in_thread(lambda: account.deposit(1))
-        assert run.records() == []
+        assert [(r["policy"], r["operation"]) for r in run.records()] == [("strict", "deposit")]
 
     def test_bad_rule_names_file_and_line(self, tmp_path: Path) -> None:
         rules = tmp_path / "s.txt"
@@ -304,8 +333,14 @@ class TestNeverBreakTheHost:
 
         conn = thirdparty_factory.open_db()  # a plain C connection: comes back as a proxy
         assert isinstance(conn, sqlite3.Connection) and type(conn) is not sqlite3.Connection
+        tracked(conn)
         in_thread(lambda: conn.execute("select 1"))  # handoff under exclusive: silent
         assert sanitizer.violations() == []
+        # The control: a statement while another thread is inside one is reported
+        # (and raised, before it would wait for SQLite's connection mutex).
+        with inside_query(conn), raising(), pytest.raises(sanitizer.ThreadAffinityError):
+            conn.execute("select 1")
+        assert found() == [("exclusive", "execute")]
         sanitizer.disable()
         assert type(thirdparty_factory.open_db()) is sqlite3.Connection  # unpatched
         sys.modules.pop("thirdparty_factory")
@@ -394,7 +429,8 @@ class TestThirdPartyPlugin:
             "sanitizer.enable(log_file='/dev/null')\n"
             "import mylib\n"
             "client = mylib.connect()\n"
-            "threading.Thread(target=client.get).start()  # handoff: fine\n"
+            "handoff = threading.Thread(target=client.get)  # a handoff: fine\n"
+            "handoff.start(); handoff.join()  # done before the holder starts\n"
             "entered, release = threading.Event(), threading.Event()\n"
             "holder = threading.Thread(target=client.get, args=(entered, release))\n"
             "holder.start(); entered.wait(10)\n"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import found, in_thread, raising, tracked
 
 import sanitizer
 from sanitizer.ownership import record_of
@@ -136,15 +137,19 @@ def test_pool_handoff_is_silent(driver: Driver) -> None:
         cur.close()
 
     run(a, b)
-    conn.close()
     assert sanitizer.violations() == []
+    _overlap_is_caught(driver, conn)  # the control
+    conn.close()
+    assert found() == [("exclusive", "fetchall")]  # closing it was silent
 
 
 def test_connection_per_thread_is_silent(driver: Driver) -> None:
     barrier = threading.Barrier(3)
+    watched: list[bool] = []
 
     def worker() -> None:
         conn = driver.connect()
+        watched.append(record_of(conn) is not None)
         cur = conn.cursor()
         barrier.wait(TIMEOUT)  # all three are in flight together
         for _ in range(20):
@@ -155,6 +160,11 @@ def test_connection_per_thread_is_silent(driver: Driver) -> None:
 
     run(worker, worker, worker)
     assert sanitizer.violations() == []
+    assert watched == [True] * 3
+    conn = in_thread(driver.connect, "maker")  # the control, on one made the same way
+    _overlap_is_caught(driver, conn)
+    conn.close()
+    assert found() == [("exclusive", "fetchall")]
 
 
 def test_records_are_tracked_with_resource(driver: Driver) -> None:
@@ -180,16 +190,21 @@ def test_records_are_tracked_with_resource(driver: Driver) -> None:
 # -- misuse is caught ----------------------------------------------------------------------
 
 
-def _pause_inside_conversion(driver: Driver, inside: threading.Event,
-                             release: threading.Event) -> Any:
-    """A connection whose driver calls back into Python, and waits, converting an integer."""
+def _pausing(inside: threading.Event, release: threading.Event) -> Callable[..., int]:
+    """An integer converter that signals ``inside`` and waits for ``release``, once."""
 
     def convert(value: Any, *_: Any) -> int:
         if not release.is_set():
             inside.set()
             assert release.wait(TIMEOUT)
         return int(value)
+    return convert
 
+
+def _pause_inside_conversion(driver: Driver, inside: threading.Event,
+                             release: threading.Event) -> Any:
+    """A connection whose driver calls back into Python, and waits, converting an integer."""
+    convert = _pausing(inside, release)
     if driver.name in ("pymysql", "MySQLdb"):
         constants = __import__(f"{driver.name}.constants", fromlist=["FIELD_TYPE"])
         converters = __import__(f"{driver.name}.converters", fromlist=["conversions"])
@@ -197,7 +212,18 @@ def _pause_inside_conversion(driver: Driver, inside: threading.Event,
         conv[constants.FIELD_TYPE.LONGLONG] = conv[constants.FIELD_TYPE.LONG] = convert
         return driver.connect(conv=conv)
     conn = driver.connect()
-    if driver.name == "psycopg2":
+    _install_converter(driver, conn, convert)
+    return conn
+
+
+def _install_converter(driver: Driver, conn: Any, convert: Callable[..., int]) -> None:
+    """Make an open connection convert integers with ``convert``."""
+    if driver.name in ("pymysql", "MySQLdb"):
+        constants = __import__(f"{driver.name}.constants", fromlist=["FIELD_TYPE"])
+        # The converters that the driver's result sets read as they are made.
+        table = conn.decoders if driver.name == "pymysql" else conn.converter
+        table[constants.FIELD_TYPE.LONGLONG] = table[constants.FIELD_TYPE.LONG] = convert
+    elif driver.name == "psycopg2":
         ext = driver.module.extensions
         ext.register_type(ext.new_type((23,), "SLOWINT4", convert), conn)
     elif driver.name == "psycopg":
@@ -210,7 +236,45 @@ def _pause_inside_conversion(driver: Driver, inside: threading.Event,
         conn.adapters.register_loader("int4", SlowLoader)
     else:
         conn.register_in_adapter(23, convert)
-    return conn
+
+
+def _overlap_is_caught(driver: Driver, conn: Any) -> None:
+    """The control after a silent part: two threads inside one cursor of ``conn`` at once
+    (exclusive at every threadsafety level) are reported, and only that. As in
+    test_concurrent_cursor_use_is_caught, on a connection that is already open."""
+    assert sanitizer.violations() == []
+    tracked(conn)
+    inside, release = threading.Event(), threading.Event()
+    _install_converter(driver, conn, _pausing(inside, release))
+    query = "SELECT CAST(1 AS INTEGER)" if driver.postgres else "SELECT 1"
+    cur = conn.cursor()
+    in_execute = driver.name in CONVERT_IN_EXECUTE
+    if not in_execute:
+        cur.execute(query)  # this thread's transaction, if any: closing it here is silent
+    caught: list[sanitizer.ThreadAffinityError] = []
+
+    def a() -> None:  # pauses inside execute() or fetchall(), in the driver
+        try:
+            if in_execute:
+                cur.execute(query)
+            assert rows(cur.fetchall()) == [(1,)]
+        finally:
+            release.set()
+
+    def b() -> None:
+        try:
+            assert inside.wait(TIMEOUT)
+            cur.fetchall()  # action=raise: stopped before it reaches the driver
+        except sanitizer.ThreadAffinityError as exc:
+            caught.append(exc)
+        finally:
+            release.set()
+
+    with raising():
+        run(a, b)
+    cur.close()
+    assert len(caught) == 1
+    assert found() == [("exclusive", "fetchall")]
 
 
 def test_concurrent_cursor_use_is_caught(driver: Driver, log_file: Path) -> None:
@@ -241,7 +305,7 @@ def test_concurrent_cursor_use_is_caught(driver: Driver, log_file: Path) -> None
         finally:
             release.set()
 
-    with _raising():
+    with raising():
         run(a, b)
     conn.close()
     assert policies() == ["exclusive"]
@@ -255,27 +319,6 @@ def test_concurrent_cursor_use_is_caught(driver: Driver, log_file: Path) -> None
     assert event["resource"]["host"] == driver.server.host
     assert int(event["resource"]["port"]) == driver.server.port
     assert event["resource"]["database"] == driver.server.dbname
-
-
-class _raising:
-    """Switch the running sanitizer to action=log+raise for a block (fresh options)."""
-
-    def __enter__(self) -> None:
-        from sanitizer import control
-
-        running = control.running()
-        assert running is not None
-        self.options = running.options
-        running.options = self.options.replace(action="log+raise")
-        running.reporter.options = running.options
-
-    def __exit__(self, *exc: object) -> None:
-        from sanitizer import control
-
-        running = control.running()
-        assert running is not None
-        running.options = self.options
-        running.reporter.options = self.options
 
 
 # -- the transaction-aware policy (threadsafety >= 2) ----------------------------------------
@@ -393,7 +436,7 @@ def test_commit_racing_the_first_statement_is_caught(pg_driver: Driver) -> None:
         finally:
             release.set()
 
-    with _raising():
+    with raising():
         run(a, b)
     conn.close()
     assert [(v.policy, v.operation) for v in sanitizer.violations()] == [
@@ -406,8 +449,12 @@ def test_autocommit_sharing_is_silent(pg_driver: Driver) -> None:
     table = pg_driver.table(conn)
     conn.autocommit = True
     _two_threads_one_connection(pg_driver, conn, table)
-    conn.close()
     assert sanitizer.violations() == []
+    tracked(conn)
+    conn.autocommit = False  # the control: the same two threads, inside a transaction
+    _two_threads_one_connection(pg_driver, conn, table)
+    conn.close()
+    assert found() == [("transaction", "execute")]
 
 
 def test_explicit_sharing_is_silent(pg_driver: Driver) -> None:
@@ -415,8 +462,11 @@ def test_explicit_sharing_is_silent(pg_driver: Driver) -> None:
     table = pg_driver.table(conn)
     with sanitizer.shared(conn):
         _two_threads_one_connection(pg_driver, conn, table)
-    conn.close()
     assert sanitizer.violations() == []
+    tracked(conn)
+    _two_threads_one_connection(pg_driver, conn, table)  # the control: not shared
+    conn.close()
+    assert found() == [("transaction", "execute")]
 
 
 def test_transaction_holder_clears_on_rollback(pg_driver: Driver) -> None:
@@ -529,9 +579,15 @@ def test_psycopg2_pool_handoff_is_silent(sanitized: None, postgresql_server: Any
         pool.putconn(conn)
 
     run(a, b)
-    pool.closeall()
     assert seen[0] is seen[1] and record_of(seen[0]) is not None
     assert sanitizer.violations() == []
+    # The control: the pooled connection, used by two threads inside one transaction.
+    driver = Driver("psycopg2", psycopg2, postgresql_server)
+    conn = pool.getconn()
+    _two_threads_one_connection(driver, conn, driver.table(conn))
+    pool.putconn(conn)
+    pool.closeall()
+    assert found() == [("transaction", "execute")]
 
 
 # -- fork, logs, generic drivers ----------------------------------------------------------------
@@ -544,7 +600,7 @@ def test_fork_is_caught(sanitized: None, postgresql_server: Any, log_file: Path,
     conn = psycopg2.connect(**postgresql_server.kwargs)
     conn.autocommit = True
     before = conn.cursor()
-    with _raising():
+    with raising():
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             code = 1
@@ -571,7 +627,7 @@ def test_closing_an_inherited_connection_in_a_child_is_reported_with_why(
     # protocol (terminate / COM_QUIT) over the parent's socket.
     conn = driver.connect()
     assert record_of(conn) is not None
-    with _raising():  # stopped before anything reaches the parent's socket
+    with raising():  # stopped before anything reaches the parent's socket
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             code = 1
@@ -628,6 +684,7 @@ def test_finalizer_on_another_thread_is_silent(sanitized: None, postgresql_serve
 
     def a() -> None:
         repo = Repository()
+        tracked(repo.conn)
         repo.conn.cursor().execute("SELECT 1")  # worker-0 holds a transaction
         del repo
         opened.set()
@@ -646,6 +703,27 @@ def test_finalizer_on_another_thread_is_silent(sanitized: None, postgresql_serve
     finally:
         gc.enable()
     assert sanitizer.violations() == []
+    # The control: the same close by worker-1, not in a finalizer, is reported.
+    box: list[Repository] = []
+    opened, closed = threading.Event(), threading.Event()
+
+    def a2() -> None:
+        box.append(Repository())
+        box[0].conn.cursor().execute("SELECT 1")
+        opened.set()
+        assert closed.wait(TIMEOUT)
+
+    def b2() -> None:
+        try:
+            assert opened.wait(TIMEOUT)
+            box[0].conn.close()  # ends worker-0's open transaction
+        finally:
+            closed.set()
+
+    run(a2, b2)
+    box[0].cycle = None
+    box.clear()  # its __del__ closes it again, here: a finalizer, silent
+    assert found() == [("transaction", "close")]
 
 
 def test_thread_that_exited_mid_transaction_is_named(pg_driver: Driver) -> None:
@@ -698,12 +776,17 @@ def test_generic_driver_at_level_2_infers_transactions(
         cur.execute("CREATE TEMP TABLE g (n INTEGER)")
         conn.commit()
         table = "g"
-        _two_threads_one_connection(Driver("pg_direct", pg_direct, postgresql_server),
-                                    conn, table)
+        direct = Driver("pg_direct", pg_direct, postgresql_server)
+        _two_threads_one_connection(direct, conn, table)
+        silent = [(v.policy, v.operation) for v in sanitizer.violations()]
+        if autocommit:  # the control: the same two threads, inside a transaction
+            conn.autocommit = False
+            _two_threads_one_connection(direct, conn, table)
         conn.close()
-        found = [(v.policy, v.operation) for v in sanitizer.violations()]
+        reported = [(v.policy, v.operation) for v in sanitizer.violations()]
     finally:
         sanitizer.disable()
         sys.modules.pop(name, None)
-    assert found == ([] if autocommit else [("transaction", "execute")])
+    assert silent == ([] if autocommit else [("transaction", "execute")])
+    assert reported == [("transaction", "execute")]
     assert postgresql_server.password not in (log_file.read_text() if log_file.exists() else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import in_thread
+from support import found, in_thread, started, tracked
 
 import sanitizer
 from sanitizer import control
@@ -97,6 +98,13 @@ class TestSilence:
         cursor.close()
         conn.close()
         assert sanitizer.violations() == []
+        # The control: a cursor of the same connection, used by another thread.
+        tracked(conn)
+        cursor = conn.cursor()
+        in_thread(lambda: cursor.execute("SELECT 1"))  # Django itself does not check this
+        cursor.close()
+        conn.close()
+        assert found() == [("strict", "execute")]
 
     def test_thread_local_connections_in_many_threads_are_silent(
             self, sanitized: Sanitized, tmp_path: Path) -> None:
@@ -108,9 +116,11 @@ class TestSilence:
             cursor.execute("CREATE TABLE item (x integer)")
         setup.close()
         barrier = threading.Barrier(4)
+        watched: list[bool] = []
 
         def work() -> None:
             conn = connections["default"] = new_wrapper(db)
+            watched.append(record_of(conn) is not None)
             barrier.wait()  # all four at once, each on its own connection
             with conn.cursor() as cursor:
                 cursor.execute("INSERT INTO item VALUES (1)")
@@ -126,7 +136,29 @@ class TestSilence:
             cursor.execute("SELECT count(*) FROM item")
             assert cursor.fetchone() == (4,)
         check.close()
+        assert watched == [True] * 4
         assert sanitizer.violations() == []
+        # The control: a cursor of a thread's connection, made the same way, used from
+        # this thread while its owner waits; the owner closes both afterwards.
+        made, used = threading.Event(), threading.Event()
+        cursors: list[Any] = []
+
+        def own() -> None:
+            conn = connections["default"] = new_wrapper(db)
+            cursors.append(conn.cursor())
+            made.set()
+            used.wait(10)
+            cursors[0].close()
+            connections.close_all()
+        owner, outcome = started(own, "owner")
+        made.wait(10)
+        try:
+            cursors[0].execute("SELECT count(*) FROM item")
+        finally:
+            used.set()
+            owner.join()
+        assert "error" not in outcome, outcome
+        assert found() == [("strict", "execute")]
 
     def test_gc_on_another_thread_is_silent(self, sanitized: Sanitized) -> None:
         holder: list[Any] = []
@@ -144,6 +176,13 @@ class TestSilence:
         holder.clear()
         gc.collect()
         assert sanitizer.violations() == []
+        # The control: one made the same way, used by this thread outside the collector.
+        in_thread(make, "maker")
+        holder[0]["cursor"].execute("SELECT 1")
+        assert found() == [("strict", "execute")]
+        holder.clear()
+        gc.collect()
+        assert found() == [("strict", "execute")]  # its collection is still silent
 
     def test_closing_a_dead_threads_driver_connection_is_silent(
             self, sanitized: Sanitized) -> None:
@@ -162,6 +201,7 @@ class TestSilence:
         thread = threading.Thread(target=work)
         thread.start()
         ready.wait()
+        tracked(drivers[0])
         drivers[0].cursor()  # the owner is alive: a real cross-thread use
         release.set()
         thread.join()
@@ -208,6 +248,7 @@ class TestSilence:
         with pytest.raises(DatabaseError):
             in_thread(use)
         assert only(sanitized).policy == "strict"
+        assert found() == [("strict", "cursor")]
 
     def test_dec_below_zero_raises_as_before(self, sanitized: Sanitized) -> None:
         conn = new_wrapper()
@@ -309,13 +350,27 @@ class TestCrossThread:
         conn.close()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@dataclasses.dataclass
+class Served:
+    status: int
+    body: str
+    thread_errors: list[tuple[str, BaseException]]  # (thread name, error) escaping threads
+    tracked: bool  # the served connection was tracked, so that a silent run could fail
+
+
 class TestLiveServer:
-    def run_server(self, share: bool) -> tuple[int, str]:
+    def run_server(self, share: bool) -> Served:
         from django.db import connections
         from django.test.testcases import LiveServerThread, _StaticFilesHandler
 
         conn = connections["default"] = new_wrapper()  # in-memory: must be shared
+        # Without sharing, closing the connection fails with Django's DatabaseError in
+        # the request thread and in the server thread, outside any handler: recorded
+        # here, not left to pytest's unhandled-thread-exception warning (an error here).
+        thread_errors: list[tuple[str, BaseException]] = []
+        hook = threading.excepthook
+        threading.excepthook = lambda args: thread_errors.append(
+            (args.thread.name if args.thread else "", args.exc_value))
         try:
             with conn.cursor() as cursor:
                 cursor.execute("CREATE TABLE item (x integer)")
@@ -331,31 +386,51 @@ class TestLiveServer:
             try:
                 url = f"http://localhost:{server.port}/count/"
                 with urllib.request.urlopen(url) as response:
-                    return response.status, response.read().decode()
+                    status, body = response.status, response.read().decode()
             except urllib.error.HTTPError as exc:
-                return exc.code, ""
+                status, body = exc.code, ""
             finally:
-                server.terminate()
+                server.terminate()  # joins the server and its request threads
                 if share:
                     conn.dec_thread_sharing()
         finally:
+            threading.excepthook = hook
             del connections["default"]
+        return Served(status, body, thread_errors, record_of(conn) is not None)
 
     def test_live_server_sharing_is_silent(self, sanitized: Sanitized) -> None:
-        assert self.run_server(share=True) == (200, "1")
+        served = self.run_server(share=True)
+        assert (served.status, served.body) == (200, "1")
+        assert served.thread_errors == []
         assert sanitizer.violations() == []
+        assert served.tracked
+        # The control: the same server without inc_thread_sharing(), on a connection
+        # made the same way, is reported (test_live_server_without_sharing_is_reported).
+        unshared = self.run_server(share=False)
+        assert unshared.status == 500 and len(unshared.thread_errors) == 2
+        assert found() == [("strict", "close")]
 
     def test_live_server_without_sharing_is_reported(self, sanitized: Sanitized) -> None:
-        status, _ = self.run_server(share=False)
-        assert status == 500  # Django's own DatabaseError in the request thread
+        from django.db import DatabaseError
+
+        served = self.run_server(share=False)
+        assert served.status == 500  # Django's own DatabaseError in the request thread
         assert "strict" in sanitized.policies()
+        assert found() == [("strict", "close")]  # closing the connection it may not use
+        escaped = sorted((("process_request_thread" in name, type(error))
+                          for name, error in served.thread_errors), key=lambda e: e[0])
+        assert escaped == [(False, DatabaseError), (True, DatabaseError)], served.thread_errors
 
 
 class TestAsgiref:
     def test_sync_to_async_work_is_silent(self, sanitized: Sanitized) -> None:
-        def work() -> Any:
-            from django.db import connection
+        watched: list[bool] = []
 
+        def work() -> Any:
+            from django.db import connections
+
+            connection = connections["default"]
+            watched.append(record_of(connection) is not None)
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")
                 return cursor.fetchone()
@@ -367,6 +442,22 @@ class TestAsgiref:
 
         assert asyncio.run(main()) == [(1,), (1,), (1,)]
         assert sanitizer.violations() == []
+        assert watched == [True] * 3
+
+        # The control: a cursor of the thread-sensitive thread's connection, used
+        # from a thread_sensitive=False thread.
+        def make() -> Any:
+            from django.db import connection
+
+            return connection.cursor()
+
+        async def misuse() -> None:
+            cursor = await sync_to_async(make)()
+            await sync_to_async(cursor.execute, thread_sensitive=False)("SELECT 1")
+            await sync_to_async(cursor.close)()  # back on its own thread
+
+        asyncio.run(misuse())
+        assert found() == [("strict", "execute")]
 
     def test_thread_sensitive_cursor_used_under_thread_sensitive_false(
             self, sanitized: Sanitized) -> None:
@@ -421,16 +512,58 @@ class TestAsgiref:
 
 
     def test_asgi_requests_are_silent(self, sanitized: Sanitized) -> None:
-        """Real ASGIHandler requests: a ThreadSensitiveContext thread each, closed at the end."""
-        from django.test import AsyncClient
+        """Real ASGIHandler requests: a ThreadSensitiveContext thread each, with its own
+        connection. (Django's AsyncClient would not do: it runs every request's view on
+        asgiref's one global thread, on one connection that other tests use too.)"""
+        from django.core.handlers.asgi import ASGIHandler
+        from django.db.backends.signals import connection_created
 
-        async def requests() -> list[Any]:
-            client = AsyncClient()
-            return [await client.get("/one/") for _ in range(3)]
+        opened: list[tuple[str, Any]] = []  # (thread, connection) of each request's view
 
-        responses = asyncio.run(requests())
-        assert [(r.status_code, r.content) for r in responses] == [(200, b"1")] * 3
+        def note(sender: object, connection: Any, **kwargs: object) -> None:
+            opened.append((threading.current_thread().name, connection))
+
+        async def requests() -> list[tuple[int, bytes]]:
+            return [await asgi_get(ASGIHandler(), "/one/") for _ in range(3)]
+
+        connection_created.connect(note)
+        try:
+            responses = asyncio.run(requests())
+        finally:
+            connection_created.disconnect(note)
+        assert responses == [(200, b"1")] * 3
         assert sanitizer.violations() == []
+        threads = {name for name, _ in opened}
+        assert len(opened) == len(threads) == 3, opened  # a thread and connection each
+        assert all(record_of(conn) is not None for _, conn in opened)
+        # The control: a request's connection (in-memory: still open), used from here.
+        opened[0][1].connection.execute("SELECT 1")
+        assert found() == [("strict", "execute")]
+
+
+async def asgi_get(handler: Any, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from an ASGI application, as a server would: (status, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    requested = False
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the handler cancels this when done
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await handler(scope, receive, send)
+    start, *body = messages
+    return start["status"], b"".join(m.get("body", b"") for m in body)
 
 
 class TestAsyncUnsafe:
@@ -485,6 +618,8 @@ class TestAsyncUnsafe:
         with contextlib.nullcontext() if allowed else pytest.raises(SynchronousOnlyOperation):
             asyncio.run(view())
         assert [v.policy for v in sanitizer.violations()] == (["async_unsafe"] if allowed else [])
+        misuse_from_another_thread(conn)  # the control: the connection is watched
+        assert found() == [*(("async_unsafe", "cursor"),) * allowed, ("strict", "execute")]
 
     def test_off_mode(self, enable: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         from django.utils import asyncio as django_asyncio
@@ -499,6 +634,8 @@ class TestAsyncUnsafe:
 
         asyncio.run(view())
         assert sanitizer.violations() == []
+        misuse_from_another_thread(conn)  # the control: the connection is watched
+        assert found() == [("strict", "execute")]
 
     def test_no_loop_is_silent(self, sanitized: Sanitized,
                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -507,6 +644,20 @@ class TestAsyncUnsafe:
         with conn.cursor() as cursor:
             cursor.execute("SELECT 1")
         assert sanitizer.violations() == []
+
+        async def view() -> None:  # the control: the same use, in a running loop
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+
+        asyncio.run(view())
+        assert found() == [("async_unsafe", "cursor")]
+
+
+def misuse_from_another_thread(conn: Any) -> None:
+    """One real misuse of ``conn``: a cursor made here, used by another thread."""
+    cursor = conn.cursor()
+    in_thread(lambda: cursor.execute("SELECT 1"), "borrower")  # Django does not check this
+    cursor.close()
 
 
 def test_disable_restores_django(sanitized: Sanitized) -> None:
@@ -547,8 +698,10 @@ import pytest
 
 @pytest.mark.django_db(transaction=True)
 def test_live_server(live_server):
-    from django.db import connection
+    from django.db import connection, connections
+    from sanitizer.ownership import record_of
 
+    assert record_of(connections["default"]) is not None  # the shared connection is watched
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE item (x integer)")
         cursor.execute("INSERT INTO item VALUES (1), (2)")
@@ -627,6 +780,12 @@ class TestFork:
             conn.close()
 
         assert self.run_child(sanitized, child) == []
+        # The control: the same connection, open in the parent, used in a child.
+        tracked(conn)
+        cursor = conn.cursor()
+        records = self.run_child(sanitized, lambda: cursor.execute("SELECT 1"))
+        assert [(r["policy"], r["operation"]) for r in records] == [("process", "execute")]
+        conn.close()
 
     def test_in_memory_database_is_the_childs_own_copy(self, sanitized: Sanitized) -> None:
         # Django's parallel runner (fork) keeps using in-memory SQLite in each worker.
@@ -646,6 +805,9 @@ class TestFork:
         with conn.cursor() as cursor:  # the parent's copy is untouched
             cursor.execute("SELECT count(*) FROM item")
             assert cursor.fetchone() == (0,)
+        assert sanitized.records() == []
+        misuse_from_another_thread(conn)  # the control: the connection is watched
+        assert found() == [("strict", "execute")]
 
     def test_open_connection_used_in_child_is_reported(
             self, sanitized: Sanitized, tmp_path: Path) -> None:
@@ -663,6 +825,7 @@ class TestFork:
 def test_sql_without_params_is_passed_as_is(sanitized: Sanitized) -> None:
     """Django runs SQL without params unconverted; the tracked driver cursor must too."""
     conn = new_wrapper()
+    tracked(conn)
     with conn.cursor() as cursor:
         cursor.execute("SELECT '%s', '100%%'")
         assert cursor.fetchone() == ("%s", "100%%")

@@ -23,6 +23,30 @@ DEAD_OWNER = """
 """
 
 
+# Appended to DEAD_OWNER: the handed-over connection is tracked ...
+HANDED_OVER_IS_TRACKED = """
+    from sanitizer.ownership import record_of
+    print("tracked", record_of(holder["conn"]) is not None)
+"""
+# ... and, with action=raise, one real misuse of it: a statement while a thread is
+# inside one (raised before it would wait for SQLite's connection mutex).
+OVERLAP_ON_HANDED_OVER = """
+    inside, release = threading.Event(), threading.Event()
+    def hold():
+        inside.set()
+        release.wait(10)
+        return 1
+    holder["conn"].create_function("hold", 0, hold)
+    h = threading.Thread(target=lambda: holder["conn"].execute("select hold()").fetchall())
+    h.start(); inside.wait(10)
+    try:
+        holder["conn"].execute("select 2")  # overlapping
+    except Exception as exc:
+        print(type(exc).__name__)
+    release.set(); h.join()
+"""
+
+
 def test_connection_made_by_exited_thread_is_not_owned_by_a_later_one(tmp_path: Path) -> None:
     # check_same_thread=True would let sqlite3 itself catch this unless idents are
     # reused; the sanitizer compares thread tokens, which are never reused.
@@ -61,10 +85,20 @@ def test_record_has_exactly_the_documented_fields(tmp_path: Path) -> None:
 
 
 def test_sequential_handoff_with_check_same_thread_false_is_silent(tmp_path: Path) -> None:
-    proc, records = run_program(tmp_path, DEAD_OWNER)
+    source = DEAD_OWNER + HANDED_OVER_IS_TRACKED
+    proc, records = run_program(tmp_path, source)
     assert proc.returncode == 0, proc.stderr
     assert records == []
     assert "violation" not in proc.stderr
+    assert proc.stdout.split() == ["tracked", "True"]
+    # The control: the same program, then an overlap on the same connection.
+    source += OVERLAP_ON_HANDED_OVER
+    (control := tmp_path / "control").mkdir()
+    proc, records = run_program(control, source, "action=log+raise")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tracked", "True", "ThreadAffinityError"]
+    assert [(r["policy"], r["operation"], r["access_stack"][0]["line"]) for r in records] == [
+        ("exclusive", "execute", line_of(source, "overlapping"))]
 
 
 OVERLAP = """
@@ -269,9 +303,15 @@ def test_warnings_about_the_callers_arguments_name_the_callers_line(tmp_path: Pa
         mine = sqlite3.connect(":memory:", 5.0, 0, "", True, Mine)
         print(isinstance(mine, Mine), mine.execute("select 1").fetchone(),
               plain.execute("select 2").fetchone())
+        from sanitizer.ownership import record_of  # out of band: stdout must stay the same
+        with open("tracked.txt", "w") as out:
+            out.write(f"{record_of(plain) is not None} {record_of(mine) is not None}")
     """
     plain, _ = run_program(tmp_path, source, env_value=None)
+    assert (tmp_path / "tracked.txt").read_text() == "False False"
     sanitized, records = run_program(tmp_path, source)
+    # Both were wrapped by the sanitizer: otherwise the warnings would be right trivially.
+    assert (tmp_path / "tracked.txt").read_text() == "True True"
     assert plain.returncode == sanitized.returncode == 0, sanitized.stderr
     assert sanitized.stdout == plain.stdout == "True (1,) (2,)\n"
     assert sanitized.stderr == plain.stderr
@@ -375,9 +415,17 @@ class TestCli:
         assert json.loads(log.read_text().splitlines()[0])["policy"] == "strict"
 
     def test_exitcode_is_untouched_without_violations(self, tmp_path: Path) -> None:
-        proc, _ = run_program(tmp_path, DEAD_OWNER, env_value=None, args=[
+        source = DEAD_OWNER + HANDED_OVER_IS_TRACKED
+        proc, _ = run_program(tmp_path, source, env_value=None, args=[
             sys.executable, "-m", "sanitizer", "run", "--exitcode", "66", "app.py"])
         assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["tracked", "True"]
+        # The control: the same program with one misuse at the end exits with 66.
+        proc, _ = run_program(tmp_path, source + OVERLAP_ON_HANDED_OVER, env_value=None, args=[
+            sys.executable, "-m", "sanitizer", "run", "--exitcode", "66", "--action",
+            "log+raise", "app.py"])
+        assert proc.returncode == 66, proc.stderr
+        assert proc.stdout.split() == ["tracked", "True", "ThreadAffinityError"]
 
     def test_bad_flag_value_exits_2_with_one_line(self, tmp_path: Path) -> None:
         proc, _ = run_program(tmp_path, "print('ran')", env_value=None, args=[

@@ -355,10 +355,13 @@ class TestAttribution:
         suite.makepyfile(test_children='''
             import sqlite3
             import threading
+            from pathlib import Path
             from helpers import fork
+            from sanitizer.ownership import record_of
 
             def child(loud):
                 own = sqlite3.connect(":memory:")  # the child's own
+                Path("child-tracked").write_text(str(record_of(own) is not None))
                 own.execute("select 1")
                 if loud:  # the one difference: tracked in the child, forwarded from it
                     worker = threading.Thread(target=use, args=(own,))
@@ -373,6 +376,7 @@ class TestAttribution:
 
             def test_silent():
                 conn = sqlite3.connect(":memory:")
+                assert record_of(conn) is not None
                 conn.execute("select 1")
                 fork(lambda: child(False))
                 conn.execute("select 1")
@@ -386,6 +390,7 @@ class TestAttribution:
         assert quiet.ret == pytest.ExitCode.OK
         assert records_of(suite, "quiet.json") == []
         assert "thread-affinity violation" not in quiet.stdout.str()
+        assert (suite.path / "child-tracked").read_text() == "True"  # watched in the child
 
         both = suite.runpytest_subprocess("--sanitize-threads", REPORT)
         both.assert_outcomes(passed=1, failed=1)
@@ -501,9 +506,17 @@ sanitizer.enable(log_file=os.devnull)
 out = {"announced": os.environ[forward.ENV_VAR] == f"{os.getpid()}:{channel.path}"}
 conn = sqlite3.connect(":memory:", check_same_thread=False)
 
-# The collector's own violations are not forwarded.
-worker = threading.Thread(target=lambda: conn.execute("select 1"))
+# The collector's own violations are not forwarded: a strict connection of this
+# thread, used by another one (a handoff of the exclusive conn would be no violation).
+mine = sqlite3.connect(":memory:")
+def misuse():
+    try:
+        mine.execute("select 1")
+    except sqlite3.ProgrammingError:
+        pass
+worker = threading.Thread(target=misuse)
 worker.start(); worker.join()
+out["own_seen"] = [v.policy for v in sanitizer.violations()]
 out["own"] = len(channel.poll())
 
 # Many children at once, each with many occurrences, two threads each.
@@ -573,7 +586,7 @@ def test_channel_collects_whole_lines_from_many_children(tmp_path: Path) -> None
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["announced"] and out["own"] == 0
+    assert out["announced"] and out["own_seen"] == ["strict"] and out["own"] == 0
     # one record per child, counting each of its 100 occurrences; no line torn or lost
     assert out["occurrences"] == [[i, 100] for i in range(8)]
     assert out["policies"] == ["process"] and out["skipped"] == 0

@@ -149,6 +149,7 @@ class TestSwitchingOn:
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([
             f"sanitize-threads: suppressions={suite.path / 'known.txt'} (from ini option*"])
+        assert "never matched" not in result.stdout.str()  # it hid the test's violation
 
     def test_environment_through_the_pth(self, suite: pytest.Pytester,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,15 +431,28 @@ class TestAttribution:
         result.assert_outcomes(failed=1, xfailed=1)
         result.stdout.fnmatch_lines(["FAILED test_outcomes.py::test_skipped_after_violating*"])
 
-    def test_clean_tests_are_untouched(self, suite: pytest.Pytester) -> None:
+    def test_clean_tests_are_untouched(self, suite: pytest.Pytester,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
         suite.makepyfile('''
-            import sqlite3, threading
+            import os, sqlite3, threading
+            from helpers import in_thread
+
+            def note(conn):  # out of band: the output must not change
+                from sanitizer.ownership import record_of
+                with open("tracked.txt", "a") as file:
+                    file.write(f"{record_of(conn) is not None} ")
+
             def test_own_connection():
                 conn = sqlite3.connect(":memory:")
+                note(conn)
                 assert conn.execute("select 1").fetchone() == (1,)
+                if os.environ.get("MISUSE"):  # the outer test's control
+                    in_thread(lambda: conn.execute("select 1"))
             def test_connection_per_thread():
                 def work():
-                    sqlite3.connect(":memory:").execute("select 1")
+                    conn = sqlite3.connect(":memory:")
+                    note(conn)
+                    conn.execute("select 1")
                 t = threading.Thread(target=work); t.start(); t.join()
             def test_prints():
                 print("hello")
@@ -452,6 +466,7 @@ class TestAttribution:
                 print("REPORTS", SEEN)
         ''')
         plain = suite.runpytest("-s", "-rA", "-p", "no:randomly")
+        (suite.path / "tracked.txt").unlink()
         sanitized = suite.runpytest("-s", "-rA", "-p", "no:randomly", "--sanitize-threads")
         sanitized.assert_outcomes(passed=3)
 
@@ -459,6 +474,17 @@ class TestAttribution:
             return [re.sub(r" in [\d.]+s", "", line) for line in result.outlines
                     if not line.startswith(("sanitize-threads:", "rootdir:"))]
         assert lines(plain) == lines(sanitized)
+        # Both connections were watched: the runs are alike because the tests are clean ...
+        assert (suite.path / "tracked.txt").read_text().split() == ["True", "True"]
+        # ... and one misuse of the first test's connection, all else equal, fails it.
+        monkeypatch.setenv("MISUSE", "1")
+        misused = suite.runpytest("-p", "no:randomly", "--sanitize-threads")
+        misused.assert_outcomes(passed=2, failed=1)
+        misused.stdout.fnmatch_lines([
+            "*::test_own_connection (call)",
+            "  (strict) sqlite3.Connection.execute called by thread T* 'worker'*",
+            "sanitize-threads: 1 violation(s) in 1 test(s)",
+            "FAILED *::test_own_connection*"])
 
     def test_thread_that_outlives_its_test(self, suite: pytest.Pytester) -> None:
         suite.makepyfile('''
@@ -476,12 +502,16 @@ class TestAttribution:
                     pass
                 done.set()
 
+            lingering = []
+
             def test_starts_thread():
-                threading.Thread(target=linger, name="lingerer").start()
+                lingering.append(threading.Thread(target=linger, name="lingerer"))
+                lingering[0].start()
 
             def test_innocent():
                 go.set()
                 assert done.wait(30)
+                lingering[0].join()
         ''')
         result = suite.runpytest("--sanitize-threads", "-p", "no:randomly")
         result.assert_outcomes(passed=1, failed=1)
@@ -956,8 +986,10 @@ class TestFixture:
                     release.set()
                     holder.join()
 
-            def test_handoff_is_fine():
+            def test_handoff_is_fine():  # test_overlap is its control: the same connection
+                from sanitizer.ownership import record_of
                 conn = sqlite3.connect(":memory:", check_same_thread=False)
+                assert record_of(conn) is not None
                 t = threading.Thread(target=lambda: conn.execute("select 1")); t.start(); t.join()
                 conn.execute("select 2")
         ''')

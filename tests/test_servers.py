@@ -13,28 +13,48 @@ import time
 from pathlib import Path
 
 import pytest
-from support import read_records
+from support import line_of, read_records
 
 pytest.importorskip("gunicorn")
 
 APP = """
-    import sqlite3
+    import sqlite3, threading
     DB = sqlite3.connect(":memory:", check_same_thread=False)  # opened in the master
     DB.execute("create table hits(n)")
 
     def app(environ, start_response):
         DB.execute("insert into hits values (1)")  # used in a forked worker
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"ok"]
+        return [race() if environ["PATH_INFO"] == "/race" else b"ok"]
+
+    def race():
+        # The control: another thread is inside a query while this one sets an option.
+        from sanitizer.ownership import record_of
+        inside, release = threading.Event(), threading.Event()
+        def hold():
+            inside.set()
+            release.wait(10)
+            return 1
+        DB.create_function("hold", 0, hold)
+        holder = threading.Thread(target=lambda: DB.execute("select hold()").fetchall())
+        holder.start()
+        inside.wait(10)
+        try:
+            DB.text_factory = bytes  # raced: changes how the holder's rows decode
+        finally:
+            release.set()
+            holder.join()
+        DB.text_factory = str
+        return b"tracked" if record_of(DB) is not None else b"untracked"
 """
 
 
-def request(path: Path, deadline: float) -> bytes:
+def request(path: Path, deadline: float, url: str = "/") -> bytes:
     while True:
         try:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(str(path))
-                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                sock.sendall(f"GET {url} HTTP/1.0\r\n\r\n".encode())
                 return b"".join(iter(lambda: sock.recv(4096), b""))
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
@@ -57,10 +77,18 @@ def test_gunicorn_workers(tmp_path: Path, preload: bool, expected: list[str]) ->
     try:
         response = request(sock, time.monotonic() + 30)
         assert response.endswith(b"ok")
+        if not preload:  # the control of the silent case: one race on the same DB
+            assert read_records(log) == []  # written before the worker sent its response
+            response = request(sock, time.monotonic() + 30, "/race")
+            assert response.split(b"\r\n\r\n", 1)[1] == b"tracked"
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     records = read_records(log)  # written before the worker sent its response
+    if not preload:
+        race, *records = records
+        assert (race["policy"], race["operation"], race["access_stack"][0]["line"]) == (
+            "exclusive", "text_factory", line_of(APP, "raced")), stderr
     assert [r["policy"] for r in records] == expected, stderr
     if preload:
         [record] = records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
-from support import in_thread, started
+from support import found, in_thread, inside_query, raising, started, tracked
 
 import sanitizer
 from sanitizer import control, stacks
@@ -105,6 +106,41 @@ def sites(sanitized: Sanitized) -> list[tuple[str, str, int]]:
     return result
 
 
+def race(gate: Gate, hold: Callable[[], Any], intrude: Callable[[], Any],
+         deep: bool = True) -> dict[str, Any]:
+    """Thread A is inside ``hold`` (in slow()) while thread B calls ``intrude``.
+
+    With ``deep``, A is released only once B has got through every layer down
+    to the DB-API cursor, so that each layer had its chance to report.
+    """
+    reported = report_event()
+    a, _ = started(hold, "A")
+
+    def after_a_entered() -> Any:
+        gate.entered.wait(10)
+        return intrude()
+    b, b_outcome = started(after_a_entered, "B")
+    try:
+        assert reported.wait(10), "no violation reported"
+        assert not deep or gate.intruder_deep.wait(10)
+    finally:
+        gate.release.set()
+        a.join()
+        b.join()
+    return b_outcome
+
+
+def overlap_is_caught(dbapi_connection: Any) -> None:
+    """The control after a pool's silent handoffs: a statement on the same DB-API
+    connection while another thread is inside one is reported, and only that (raised,
+    before it would wait for SQLite's connection mutex)."""
+    assert found() == []
+    with inside_query(dbapi_connection), raising(), pytest.raises(
+            sanitizer.ThreadAffinityError):
+        dbapi_connection.execute("select 1")
+    assert found() == [("exclusive", "execute")]
+
+
 class TestTransparency:
     def test_orm_round_trip(self, sanitized: Sanitized, tmp_path: Path) -> None:
         engine = make_engine(tmp_path)
@@ -176,6 +212,13 @@ class TestTransparency:
             assert in_thread(lambda: early.scalar(text("select 7"))) == 7
             early.close()
             assert sanitizer.violations() == []
+            # The control: a Session made the same way after enable() is watched.
+            gate = Gate()
+            late = Session(make_engine(tmp_path, gate))
+            race(gate, lambda: late.execute(text("select slow()")),
+                 lambda: late.execute(text("select 2")))
+            late.close()
+            assert found() == [("exclusive", "execute")]
         finally:
             sanitizer.disable()
 
@@ -234,7 +277,8 @@ class TestEndToEnd:
 class TestSilent:
     def test_scoped_session_per_thread_overlapping(self, sanitized: Sanitized,
                                                    tmp_path: Path) -> None:
-        engine = make_engine(tmp_path)
+        gate = Gate()  # for the control
+        engine = make_engine(tmp_path, gate)
         both_inside = threading.Barrier(2)
 
         @event.listens_for(engine, "connect")
@@ -256,6 +300,12 @@ class TestSilent:
         assert sessions[0] is not sessions[1]
         assert [policy_of(s) for s in sessions] == ["exclusive", "exclusive"]
         assert sanitized.records() == []
+        # The control: a registry session given to a second thread while it is in use.
+        session = registry()
+        race(gate, lambda: session.execute(text("select slow()")),
+             lambda: session.execute(text("select 2")))
+        registry.remove()
+        assert found() == [("exclusive", "execute")]
 
     def test_queue_pool_hands_a_dbapi_connection_to_another_thread(
             self, sanitized: Sanitized, tmp_path: Path) -> None:
@@ -280,12 +330,15 @@ class TestSilent:
         # The pysqlite dialect passes check_same_thread=False for file databases.
         assert policy_of(seen[0]) == "exclusive"
         assert sanitized.records() == []
+        overlap_is_caught(seen[0])
 
     def test_session_handed_from_thread_to_thread(self, sanitized: Sanitized,
                                                   tmp_path: Path) -> None:
-        engine = make_engine(tmp_path)
+        gate = Gate()  # for the control
+        engine = make_engine(tmp_path, gate)
         Base.metadata.create_all(engine)
         session = Session(engine)
+        tracked(session)
 
         def write() -> None:
             session.add(Item(name="x"))
@@ -294,15 +347,26 @@ class TestSilent:
         assert in_thread(lambda: session.scalars(select(Item.name)).all(), "B") == ["x"]
         session.close()
         assert sanitized.records() == []
+        # The control: two threads in the same session at once.
+        race(gate, lambda: session.execute(text("select slow()")),
+             lambda: session.execute(text("select 2")))
+        session.close()
+        assert found() == [("exclusive", "execute")]
 
     def test_connection_handed_from_thread_to_thread(self, sanitized: Sanitized,
                                                      tmp_path: Path) -> None:
-        engine = make_engine(tmp_path)
+        gate = Gate()  # for the control
+        engine = make_engine(tmp_path, gate)
         conn = engine.connect()
+        tracked(conn)
         in_thread(lambda: conn.execute(text("create table t(x)")), "A")
         in_thread(conn.commit, "B")
-        conn.close()
         assert sanitized.records() == []
+        # The control: two threads in the same connection at once.
+        race(gate, lambda: conn.execute(text("select slow()")),
+             lambda: conn.execute(text("select 2")))
+        conn.close()
+        assert found() == [("exclusive", "execute")]  # closing it here stays silent
 
     def test_engine_disposed_by_another_thread(self, sanitized: Sanitized,
                                                tmp_path: Path) -> None:
@@ -319,6 +383,9 @@ class TestSilent:
         engine.dispose()  # closes the worker's pooled connection from this thread
         assert closed == ["closed"] and policy_of(seen[0]) == "exclusive"
         assert sanitized.records() == []
+        in_thread(use, "worker")  # the control: a pooled connection made the same way ...
+        overlap_is_caught(seen[1])  # ... is watched
+        engine.dispose()
 
     def test_static_pool_sequential_use_by_threads(self, sanitized: Sanitized,
                                                    tmp_path: Path) -> None:
@@ -333,6 +400,7 @@ class TestSilent:
         in_thread(use, "B")
         assert seen[0] is seen[1] and policy_of(seen[0]) == "exclusive"
         assert sanitized.records() == []
+        overlap_is_caught(seen[0])
 
     def test_gc_finalization_on_another_thread(self, sanitized: Sanitized,
                                                tmp_path: Path) -> None:
@@ -344,18 +412,24 @@ class TestSilent:
         def on_reset(*_args: Any) -> None:
             resets.append(threading.current_thread().name)
         box: list[Connection] = []
-        handed, done = threading.Event(), threading.Event()
 
-        def open_and_hand_over() -> None:
-            conn = engine.connect()
-            conn.execute(text("select 1"))
-            assert policy_of(dbapi_of(conn)) == "strict"
-            box.append(conn)
-            del conn
-            handed.set()
-            done.wait(10)  # stays alive, so that B has another thread ident
-        owner, _ = started(open_and_hand_over, "A")
-        handed.wait(10)
+        def hand_over(name: str) -> tuple[threading.Thread, threading.Event]:
+            """Thread ``name`` puts a connection in the box and stays alive until ``done``,
+            so that B has another thread ident."""
+            handed, done = threading.Event(), threading.Event()
+
+            def open_and_hand_over() -> None:
+                conn = engine.connect()
+                conn.execute(text("select 1"))
+                assert policy_of(dbapi_of(conn)) == "strict"
+                box.append(conn)
+                del conn
+                handed.set()
+                done.wait(10)
+            owner, _ = started(open_and_hand_over, name)
+            handed.wait(10)
+            return owner, done
+        owner, done = hand_over("A")
 
         def drop() -> None:
             box.clear()
@@ -365,37 +439,26 @@ class TestSilent:
         owner.join()
         assert resets == ["B"]  # the pool's finalizer ran, in B
         assert sanitized.records() == []
+        # The control: B uses a connection handed over the same way, not in a finalizer.
+        owner, done = hand_over("A2")
+
+        def use_then_drop() -> None:
+            with pytest.raises(sqlite3.ProgrammingError):  # sqlite3 refuses it too
+                dbapi_of(box[0]).execute("select 1")
+            drop()
+        in_thread(use_then_drop, "B")
+        done.set()
+        owner.join()
+        assert resets == ["B", "B"]
+        assert found() == [("strict", "execute")]
 
 
 class TestCaught:
-    def race(self, gate: Gate, hold: Callable[[], Any], intrude: Callable[[], Any],
-             deep: bool = True) -> dict[str, Any]:
-        """Thread A is inside ``hold`` (in slow()) while thread B calls ``intrude``.
-
-        With ``deep``, A is released only once B has got through every layer down
-        to the DB-API cursor, so that each layer had its chance to report.
-        """
-        reported = report_event()
-        a, _ = started(hold, "A")
-
-        def after_a_entered() -> Any:
-            gate.entered.wait(10)
-            return intrude()
-        b, b_outcome = started(after_a_entered, "B")
-        try:
-            assert reported.wait(10), "no violation reported"
-            assert not deep or gate.intruder_deep.wait(10)
-        finally:
-            gate.release.set()
-            a.join()
-            b.join()
-        return b_outcome
-
     def test_session_used_by_two_threads_at_once(self, sanitized: Sanitized,
                                                  tmp_path: Path) -> None:
         gate = Gate()
         session = Session(make_engine(tmp_path, gate))  # session-created
-        self.race(gate, lambda: session.execute(text("select slow()")),
+        race(gate, lambda: session.execute(text("select slow()")),
                   lambda: session.execute(text("select 2")))  # session-race
         [violation] = sanitizer.violations()
         assert (violation.policy, violation.object_type, violation.operation) == (
@@ -413,7 +476,7 @@ class TestCaught:
                                                        tmp_path: Path) -> None:
         gate = Gate()
         conn = make_engine(tmp_path, gate).connect()
-        self.race(gate, lambda: conn.execute(text("select slow()")),
+        race(gate, lambda: conn.execute(text("select slow()")),
                   lambda: conn.execute(text("select 2")))  # connection-race
         conn.close()
         assert sites(sanitized) == [(CONNECTION, HERE, line_of("connection-race"))]
@@ -426,7 +489,7 @@ class TestCaught:
         gate = Gate()
         session = Session(make_engine(tmp_path, gate))
         conn = session.connection()
-        self.race(gate, lambda: session.execute(text("select slow()")),
+        race(gate, lambda: session.execute(text("select slow()")),
                   lambda: conn.execute(text("select 2")))  # session-connection-race
         session.close()
         [violation] = sanitizer.violations()
@@ -444,7 +507,7 @@ class TestCaught:
 
         def intrude() -> None:
             session.add(Item(name="more"))  # session-add
-        self.race(gate, lambda: session.execute(text("select slow()")), intrude, deep=False)
+        race(gate, lambda: session.execute(text("select slow()")), intrude, deep=False)
         session.rollback()
         session.close()
         assert sites(sanitized) == [(SESSION, HERE, line_of("session-add"))]
@@ -486,7 +549,7 @@ class TestCaught:
             finally:
                 a_done.wait(10)  # then checking in is a handoff, not a second race
                 session.close()
-        outcome = self.race(gate, hold, intrude)
+        outcome = race(gate, hold, intrude)
         assert "error" not in outcome
         # Two Sessions, one DB-API connection: caught by the sqlite3 layer, once per
         # operation (making the cursor, then its statement).
@@ -517,7 +580,7 @@ class TestCaught:
         def intrude() -> None:
             with engine.connect() as conn:  # singleton-cleanup
                 conn.execute(text("select 2"))
-        outcome = self.race(gate, hold, intrude)
+        outcome = race(gate, hold, intrude)
         assert "error" not in outcome  # the pool swallowed ThreadAffinityError
         assert sites(sanitized) == [("sqlite3.Connection", HERE, line_of("singleton-cleanup"))]
         [violation] = sanitizer.violations()

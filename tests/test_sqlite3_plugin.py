@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import in_thread, started
+from support import found, in_thread, inside_query, raising, started, tracked
 
 import sanitizer
 from sanitizer.ownership import record_of
@@ -161,10 +161,15 @@ class TestTransparency:
         shared = sqlite3.connect(":memory:", 5.0, 0, "", False)
         mine = sqlite3.connect(":memory:", 5.0, 0, "", True, MyConnection)
         assert isinstance(mine, MyConnection)
+        tracked(shared)
         in_thread(lambda: shared.execute("select 1"))  # a handoff: exclusive allows it
         with pytest.raises(sqlite3.ProgrammingError):
             in_thread(lambda: mine.execute("select 1"))
         assert sanitized.policies() == ["strict"]
+        # The control: what exclusive forbids, an overlap, is reported on ``shared``.
+        with inside_query(shared), raising(), pytest.raises(sanitizer.ThreadAffinityError):
+            shared.execute("select 1")
+        assert found() == [("strict", "execute"), ("exclusive", "execute")]
 
     def test_blob(self, sanitized: Sanitized) -> None:
         if not hasattr(sqlite3.Connection, "blobopen"):
@@ -186,6 +191,10 @@ class TestTransparency:
         back = pandas.read_sql("select x from numbers order by x", conn)
         assert back["x"].tolist() == [1, 2, 3]
         assert sanitized.records() == []
+        tracked(conn)  # the control: the connection pandas used is watched
+        with pytest.raises(sqlite3.ProgrammingError):
+            in_thread(lambda: conn.execute("select 1"))
+        assert found() == [("strict", "execute")]
 
     def test_disable_restores_connect(self, sanitized: Sanitized) -> None:
         sanitizer.disable()
@@ -249,17 +258,23 @@ class TestReports:
 
     def test_interrupt_is_a_thread_safe_entry_point(self, sanitized: Sanitized) -> None:
         conn = sqlite3.connect(":memory:")
+        tracked(conn)
         in_thread(conn.interrupt)
         assert sanitized.records() == []
+        with pytest.raises(sqlite3.ProgrammingError):  # the control: a statement is not
+            in_thread(lambda: conn.execute("select 1"))
+        assert found() == [("strict", "execute")]
 
     def test_per_thread_connections_are_silent(self, sanitized: Sanitized,
                                                tmp_path: Path) -> None:
         path = tmp_path / "db.sqlite"
         sqlite3.connect(path).execute("create table t(x)").connection.commit()
         barrier = threading.Barrier(4)
+        watched: list[bool] = []
 
         def work() -> None:
             conn = sqlite3.connect(path, timeout=30)
+            watched.append(record_of(conn) is not None)
             barrier.wait(10)
             conn.execute("select count(*) from t").fetchall()
             conn.close()
@@ -268,7 +283,13 @@ class TestReports:
             t.start()
         for t in threads:
             t.join()
+        assert watched == [True] * 4
         assert sanitized.records() == []
+        # The control: a connection made the same way, used from another thread.
+        made = in_thread(lambda: sqlite3.connect(path, timeout=30), name="maker")
+        with pytest.raises(sqlite3.ProgrammingError):
+            made.execute("select count(*) from t")
+        assert found() == [("strict", "execute")]
 
     def test_attribute_reads_and_idle_sets_from_another_thread_are_silent(
             self, sanitized: Sanitized) -> None:
@@ -282,6 +303,9 @@ class TestReports:
         conn.isolation_level = "DEFERRED"
         assert conn.row_factory is sqlite3.Row and conn.text_factory is bytes
         assert sanitized.records() == []
+        with pytest.raises(sqlite3.ProgrammingError):  # the control: a statement is not
+            conn.execute("select 1")
+        assert found() == [("strict", "execute")]
 
     def test_setting_an_option_while_the_owner_is_inside_a_call_is_reported(
             self, sanitized: Sanitized) -> None:
@@ -315,6 +339,9 @@ class TestReports:
         assert record_of(target) is not None
         source.backup(target)
         assert sanitized.records() == []
+        with pytest.raises(sqlite3.ProgrammingError):  # the control: the target's own use
+            target.execute("select 1")
+        assert found() == [("strict", "execute")]
 
     def test_backup_target_in_use_by_its_owner_is_reported_in_its_role(
             self, enable: Any) -> None:
@@ -366,8 +393,18 @@ class TestReports:
                 self.conn.close()  # a use, but during finalization
 
         box = [Owner()]
+        tracked(box[0].conn)
         in_thread(box.clear)  # the last reference dies in another thread
         assert sanitized.records() == []
+        # The control: the same close, not by finalization, while another thread is
+        # inside a query (raised before it would wait for SQLite's connection mutex).
+        box.append(Owner())
+        with inside_query(box[0].conn), raising(), pytest.raises(
+                sanitizer.ThreadAffinityError):
+            box[0].conn.close()
+        assert found() == [("exclusive", "close")]
+        box.clear()  # closes it here, idle: still only the one report
+        assert found() == [("exclusive", "close")]
 
 
 # -- the check table agrees with CPython --------------------------------------------------
@@ -443,6 +480,14 @@ def _blob(connect: Any) -> Any:
     return _connection(connect).blobopen("t", "x", 1)
 
 
+# An operation that CPython refuses from another thread, per kind of object.
+CONTROLS: dict[Any, tuple[str, Any]] = {
+    _connection: ("execute", CONNECTION_OPERATIONS["execute"]),
+    _cursor: ("fetchone", CURSOR_OPERATIONS["fetchone"]),
+    _blob: ("read", BLOB_OPERATIONS["read"]),
+}
+
+
 def _table_cases() -> list[Any]:
     """A case per entry of the plugin's tables: (make, operation, the table's check)."""
     from sanitizer.plugins import sqlite3 as plugin
@@ -504,6 +549,11 @@ class TestCheckTable:
         _from_another_thread(operation, tracked)
         policies = {r["policy"] for r in sanitized.records()}
         assert policies == ({"strict"} if refuses else set())
+        if not refuses:  # the control: what CPython refuses on the same object is reported
+            name, refused = CONTROLS[make]
+            _from_another_thread(refused, tracked)
+            assert [(r["policy"], r["operation"]) for r in sanitized.records()] == [
+                ("strict", name)]
 
     @pytest.mark.parametrize("kind", ["Connection", "Cursor", "Blob"])
     def test_every_public_operation_is_in_the_table(self, kind: str) -> None:
