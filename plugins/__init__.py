@@ -22,6 +22,7 @@ BUILTIN = {
     "dbapi": "sanitizer.plugins.dbapi",
     "django": "sanitizer.plugins.django",
     "sqlalchemy": "sanitizer.plugins.sqlalchemy",
+    "duckdb": "sanitizer.plugins.duckdb",
 }
 
 
