@@ -200,12 +200,13 @@ def connection_class(stock: type, appender: type) -> type:
     extra: dict[str, Any] = {}
     for name, check in {**CONNECTION_CHECKS, **CONNECTION_ATTRIBUTES}.items():
         member = inspect.getattr_static(stock, name, None)
-        if name in NEW_CONNECTIONS and member is not None:
-            extra[name] = new_connection(member)
-        elif name in APPENDERS and member is not None:
-            extra[name] = _guarded(check, new_appender(member), name, None, OWN_CLASS)
-        elif isinstance(member, property | types.FunctionType):  # DuckDB's Python ones
-            extra[name] = _guarded(check, member, name, None, OWN_CLASS)
+        if member is not None and name in NEW_CONNECTIONS:
+            member = new_connection(member)
+        elif member is not None and name in APPENDERS:
+            member = new_appender(member)
+        elif not isinstance(member, property | types.FunctionType):
+            continue  # a C method: in the table below
+        extra[name] = _guarded(check, member, name, None, OWN_CLASS) or member
     # The C methods: exact parameter lists where a call is hot.
     table: Methods = {name: (SIGNATURES.get(name), check)
                       for name, check in CONNECTION_CHECKS.items() if name not in extra}
