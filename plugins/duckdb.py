@@ -26,7 +26,8 @@ path or ``:memory:``), never query text (unless ``include_args``) or config.
 
 Not tracked: connections made before ``enable()``, Arrow readers and streams
 (``to_arrow_reader()``, ``__arrow_c_stream__``: pyarrow's objects, read later),
-and calls through the private ``_duckdb`` module.
+calls through the private ``_duckdb`` module, and DuckDB 1 (pybind11 refuses the
+``__class__`` assignment; the plugin says so on stderr and tracks nothing).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import functools
 import inspect
 import operator
 import os
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -249,6 +251,13 @@ def _install_relations(relation: type, grouped: type | None, context: Context) -
 
 
 def install(duckdb: ModuleType, context: Context) -> None:
+    relation = duckdb.DuckDBPyRelation
+    if "_con" not in getattr(relation, "__slots__", ()):
+        # DuckDB 1 (pybind11): __class__ assignment is refused, connect() cannot make a
+        # subclass, and proxies would fail its C++ type checks (connection=con).
+        print(f"sanitizer: duckdb {getattr(duckdb, '__version__', '?')} is not tracked: its "
+              "objects cannot hold a record (the duckdb plugin needs DuckDB 2)", file=sys.stderr)
+        return
     stock: type = duckdb.DuckDBPyConnection
     tracked = connection_class(stock, duckdb.Appender)
     # Relations of untracked connections read this one (UNTRACKED: never checked).
@@ -304,10 +313,8 @@ def install(duckdb: ModuleType, context: Context) -> None:
         if callable(function):
             context.replace(duckdb, name, new_connection(name, function)
                             if name in NEW_CONNECTIONS else module_function(name, function))
-    relation = duckdb.DuckDBPyRelation
-    if "_con" in getattr(relation, "__slots__", ()):  # a Python class (DuckDB 2)
-        grouped = getattr(getattr(duckdb, "_relation", None), "GroupedRelation", None)
-        _install_relations(relation, grouped, context)
+    grouped = getattr(getattr(duckdb, "_relation", None), "GroupedRelation", None)
+    _install_relations(relation, grouped, context)
 
 
 plugin = Plugin(name="duckdb", hooks={"duckdb": install}, libraries=("duckdb",))
