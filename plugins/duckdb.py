@@ -159,15 +159,18 @@ def _guarded(check: Check, member: Any, name: str, params: str | None, record_fr
     policy = check.under(EXCLUSIVE)
     if policy is None:
         return None
-    func = member.fget if isinstance(member, property) else member
+    is_property = isinstance(member, property)
+    func = member.fget if is_property else member
+    python = isinstance(func, types.FunctionType)
     # DuckDB's Python code warns at the first frame outside its module (_caller_level):
     # a guard of one of its functions stands in that module, so warnings name the user's
     # line, not <sanitizer-guard>.
-    scope = {"__name__": func.__module__} if isinstance(func, types.FunctionType) else {}
-    guard = policy.guard(member.__get__ if isinstance(member, property) else member, name,
-                         "" if isinstance(member, property) else params, name=name,
-                         defaults=scope, record=f"self.{record_from}._sanitizer_record")
-    return property(guard, doc=member.__doc__) if isinstance(member, property) else guard
+    scope = {"__name__": func.__module__} if python else {}
+    # A C property's getter has no __qualname__ to copy: call it through the property.
+    guard = policy.guard(member.__get__ if is_property and not python else func, name,
+                         "" if is_property else params, name=name, defaults=scope,
+                         record=f"self.{record_from}._sanitizer_record")
+    return property(guard, doc=member.__doc__) if is_property else guard
 
 
 @functools.cache
