@@ -37,6 +37,9 @@ OPERATIONS = (
     ("rel.columns", "rel = con.sql('select 1 as a')", "rel.columns"),
     ("con.cursor().close()", "", "con.cursor().close()"),
 )
+# Calls per operation for --instructions: enough that the run-to-run noise of the
+# program around them (some 10^6 instructions) is small per call.
+CALLS = (200, 200, 200, 20_000, 2_000)
 
 
 def connection(variant: str) -> Any:
@@ -105,7 +108,7 @@ def count(variant: str, index: int, calls: int) -> tuple[int, int]:
     return int(match.group(1).replace(",", "")), allocator
 
 
-def instructions(calls: int = 200) -> None:
+def instructions() -> None:
     """Per-call instructions of each operation, raw and tracked, and the ratio.
 
     DuckDB allocates with glibc's malloc, whose cost per call varies by some 5% with
@@ -115,20 +118,21 @@ def instructions(calls: int = 200) -> None:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    runs = [(v, i, n) for i in range(len(OPERATIONS)) for v in VARIANTS for n in (0, calls)]
+    runs = [(v, i, n) for i, calls in enumerate(CALLS) for v in VARIANTS for n in (0, calls)]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not mind sharing a CPU
         counted = dict(zip(runs, pool.map(lambda run: count(*run), runs), strict=True))
 
     def per_call(variant: str, index: int, without_allocator: bool) -> float:
+        calls = CALLS[index]
         made, none = counted[variant, index, calls], counted[variant, index, 0]
         if without_allocator:
             return (made[0] - made[1] - none[0] + none[1]) / calls
         return (made[0] - none[0]) / calls
 
-    print(f"Instructions per call (callgrind; {calls:,} calls minus none), raw -> tracked:")
-    print(f"  {'':<28} {'all':<36} outside the allocator")
+    print("Instructions per call (callgrind; N calls minus none), raw -> tracked:")
+    print(f"  {'':<28} {'N':>6} {'all':<36} outside the allocator")
     for index, (label, _, _) in enumerate(OPERATIONS):
-        line = f"  {label:<28}"
+        line = f"  {label:<28} {CALLS[index]:6,}"
         for without_allocator in (False, True):
             raw, tracked = (per_call(v, index, without_allocator) for v in VARIANTS)
             line += (f" {raw:9,.0f} -> {tracked:9,.0f} "
