@@ -23,6 +23,7 @@ BUILTIN = {
     "django": "sanitizer.plugins.django",
     "sqlalchemy": "sanitizer.plugins.sqlalchemy",
     "pyzmq": "sanitizer.plugins.pyzmq",
+    "duckdb": "sanitizer.plugins.duckdb",
 }
 
 
