@@ -494,7 +494,15 @@ def compile_guard(
     else:
         guard.__code__ = guard.__code__.replace(co_name=name)
     if wrapped is not None:
-        functools.update_wrapper(guard, wrapped)
+        # Not update_wrapper's names: some C methods (nanobind's) have a None
+        # __qualname__, which a function refuses; the guard's own name is set below.
+        for attribute in ("__module__", "__doc__", "__dict__"):
+            value = getattr(wrapped, attribute, None)
+            if attribute == "__dict__" and isinstance(value, dict):
+                guard.__dict__.update(value)
+            elif isinstance(value, str):
+                setattr(guard, attribute, value)
+        guard.__wrapped__ = wrapped  # type: ignore[attr-defined]
     guard.__name__ = guard.__qualname__ = name
     guard.__sanitizer_policy__ = policy  # type: ignore[attr-defined]
     return guard

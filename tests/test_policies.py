@@ -82,6 +82,18 @@ def test_a_python_methods_signature_is_copied_with_its_defaults() -> None:
     assert guard.__name__ == "method" and guard.__code__.co_name == "method"
 
 
+def test_a_guard_takes_what_it_can_of_the_methods_metadata() -> None:
+    class Odd:
+        def __call__(self, obj: Any) -> int:
+            return 7
+    odd: Any = Odd()  # a C method as nanobind makes them: a None __qualname__
+    odd.__qualname__, odd.__module__, odd.__doc__ = None, "somelib", "Its docstring."
+    guard = STRICT_POLICY.guard_expression("_g_func(self)", "odd", "", {"_g_func": odd},
+                                           wrapped=odd)
+    assert (guard.__name__, guard.__qualname__, guard.__module__) == ("odd", "odd", "somelib")
+    assert guard.__doc__ == "Its docstring." and guard.__wrapped__ is odd  # type: ignore[attr-defined]
+
+
 def test_reserved_names_and_c_methods_get_args_and_kwargs() -> None:
     def method(self: Any, _g_record: int) -> None:
         pass
