@@ -496,11 +496,11 @@ def compile_guard(
     if wrapped is not None:
         # Not update_wrapper's names: some C methods (nanobind's) have a None
         # __qualname__, which a function refuses; the guard's own name is set below.
-        for attribute in ("__module__", "__doc__", "__dict__"):
+        for attribute in ("__module__", "__doc__", "__annotations__", "__dict__"):
             value = getattr(wrapped, attribute, None)
             if attribute == "__dict__" and isinstance(value, dict):
                 guard.__dict__.update(value)
-            elif isinstance(value, str):
+            elif isinstance(value, (str, dict)):
                 setattr(guard, attribute, value)
         guard.__wrapped__ = wrapped  # type: ignore[attr-defined]
     guard.__name__ = guard.__qualname__ = name
