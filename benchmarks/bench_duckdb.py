@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Any
 
+import callgrind  # benchmarks/callgrind.py, beside this script
 import pyperf
 
 import sanitizer
@@ -84,28 +84,12 @@ exec(code)
 """
 
 
-def count(variant: str, index: int, calls: int) -> tuple[int, int]:
-    """Instructions callgrind counts for the whole program (``calls`` of operation
-    ``index``): in all, and in glibc's allocator (malloc, free and their helpers)."""
-    import re
-    import subprocess
-
+def count(run: tuple[str, int, int]) -> tuple[int, int]:
+    """Instructions of the whole program (``calls`` of operation ``index``): in all, and
+    in glibc's allocator (malloc, free and their helpers)."""
+    variant, index, calls = run
     program = PROGRAM.format(operations=[(o[1], o[2]) for o in OPERATIONS])
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # dict layouts, so counts, repeat
-    env.pop("SANITIZE_THREADS", None)
-    with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
-        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
-                               sys.executable, "-c", program, variant, str(index), str(calls)],
-                              env=env, capture_output=True, text=True,
-                              cwd=tempfile.gettempdir())  # the installed package, not the tree
-        match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-        if done.returncode != 0 or not match:
-            sys.exit(f"callgrind run failed:\n{done.stderr[-2000:]}")
-        functions = subprocess.run(["callgrind_annotate", "--threshold=100", out.name],
-                                   capture_output=True, text=True, check=True).stdout
-    allocator = sum(int(m.group(1).replace(",", "")) for m in re.finditer(
-        r"^\s*([\d,]+) \(.*/malloc/.*\[.*libc\.so.*\]$", functions, re.MULTILINE))
-    return int(match.group(1).replace(",", "")), allocator
+    return callgrind.count(program, variant, str(index), str(calls), allocator=True)
 
 
 def instructions() -> None:
@@ -116,11 +100,8 @@ def instructions() -> None:
     say); so the counts are also given without the allocator's share, which is where
     the guards' own instructions show.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     runs = [(v, i, n) for i, calls in enumerate(CALLS) for v in VARIANTS for n in (0, calls)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not mind sharing a CPU
-        counted = dict(zip(runs, pool.map(lambda run: count(*run), runs), strict=True))
+    counted = callgrind.all_of(runs, count)
 
     def per_call(variant: str, index: int, without_allocator: bool) -> float:
         calls = CALLS[index]

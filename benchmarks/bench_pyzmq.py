@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Any
 
+import callgrind  # benchmarks/callgrind.py, beside this script
 import pyperf
 import zmq
 
@@ -109,31 +109,17 @@ a.close(); b.close(); ctx.term()
 """
 
 
-def count(variant: str, index: int, calls: int) -> int:
-    """Instructions callgrind counts for the whole program (``calls`` of operation ``index``)."""
-    import re
-    import subprocess
-
+def count(run: tuple[str, int, int]) -> tuple[int, int]:
+    """Instructions of the whole program: ``calls`` of operation ``index`` on ``variant``."""
+    variant, index, calls = run
     program = PROGRAM.format(operations=[o[1] for o in OPERATIONS])
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # dict layouts, so counts, repeat
-    env.pop("SANITIZE_THREADS", None)
-    done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                           sys.executable, "-c", program, variant, str(index), str(calls)],
-                          env=env, capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())  # not the source tree: the installed package
-    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if done.returncode != 0 or not match:
-        sys.exit(f"callgrind run failed:\n{done.stderr[-2000:]}")
-    return int(match.group(1).replace(",", ""))
+    return callgrind.count(program, variant, str(index), str(calls))
 
 
 def instructions(calls: int = 20_000) -> None:
     """Per-call instructions of each operation, raw, untracked and tracked, and the ratio."""
-    from concurrent.futures import ThreadPoolExecutor
-
     runs = [(v, i, n) for i in range(len(OPERATIONS)) for v in VARIANTS for n in (0, calls)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not mind sharing a CPU
-        counted = dict(zip(runs, pool.map(lambda run: count(*run), runs), strict=True))
+    counted = {run: found[0] for run, found in callgrind.all_of(runs, count).items()}
     print(f"Instructions per call (callgrind; {calls:,} calls minus none):")
     for index, (label, _) in enumerate(OPERATIONS):
         per_call = {v: (counted[v, index, calls] - counted[v, index, 0]) / calls

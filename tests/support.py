@@ -188,3 +188,11 @@ def make_ini(pytester: pytest.Pytester, *lines: str) -> None:
     if importlib.util.find_spec("pytest_asyncio") is not None:
         lines += ("asyncio_default_fixture_loop_scope = function",)
     pytester.makeini("\n".join(("[pytest]", *lines, "")))
+
+
+def line_of_file(path: str | Path, marker: str) -> int:
+    """The line of a file that ends with ``marker`` (for tests that mark their own lines)."""
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.rstrip().endswith(marker):
+            return number
+    raise AssertionError(marker)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import in_thread, run_program, started
+from support import in_thread, line_of_file, run_program, started
 
 import sanitizer
 from sanitizer.plugin import Check, record_of
@@ -35,10 +35,7 @@ _functions = itertools.count()
 
 def line_of_here(marker: str) -> int:
     """The line of this file that ends with ``marker``."""
-    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1):
-        if line.rstrip().endswith(marker):
-            return number
-    raise AssertionError(marker)
+    return line_of_file(__file__, marker)
 
 
 class Busy:

@@ -9,6 +9,7 @@ call. Both must report exactly the same uses.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -211,8 +212,9 @@ def _shared(obj: Any, fn: Callable[[], Any]) -> None:
         fn()
 
 
-def run(policy: Policy, guards: Policy, scenario: Callable[[Any], None]) -> list[tuple[str, ...]]:
-    """The uses reported while ``scenario`` runs: (policy, operation, thread name)."""
+@contextlib.contextmanager
+def collected() -> Iterator[list[tuple[str, ...]]]:
+    """The uses reported in the block: (policy, operation, thread name)."""
     running = control.running()
     assert running is not None
     seen: list[tuple[str, ...]] = []
@@ -224,9 +226,15 @@ def run(policy: Policy, guards: Policy, scenario: Callable[[Any], None]) -> list
 
     running.reporter.add(collect)
     try:
-        scenario(make(policy, guards))
+        yield seen
     finally:
         running.reporter.remove(collect)
+
+
+def run(policy: Policy, guards: Policy, scenario: Callable[[Any], None]) -> list[tuple[str, ...]]:
+    """The uses reported while ``scenario`` runs on a Thing of ``policy`` with ``guards``."""
+    with collected() as seen:
+        scenario(make(policy, guards))
     return seen
 
 
@@ -292,20 +300,8 @@ def test_in_a_forked_child_too(sanitized: Sanitized, name: str) -> None:
 
 
 def run_on(obj: Any) -> list[tuple[str, ...]]:
-    running = control.running()
-    assert running is not None
-    seen: list[tuple[str, ...]] = []
-
-    def collect(occurrence: Occurrence) -> Occurrence:
-        v = occurrence.violation
-        seen.append((v.policy, v.operation, str(v.thread["name"])))
-        return occurrence
-
-    running.reporter.add(collect)
-    try:
+    with collected() as seen:
         obj.use()
-    finally:
-        running.reporter.remove(collect)
     return seen
 
 

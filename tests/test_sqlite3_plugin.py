@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import found, in_thread, inside_query, raising, started, tracked
+from support import found, in_thread, inside_query, line_of_file, raising, started, tracked
 
 import sanitizer
 from sanitizer.ownership import record_of
@@ -20,10 +20,7 @@ from sanitizer.policies import Check
 
 def line_of_here(marker: str) -> int:
     """The line of this file that ends with ``marker``."""
-    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1):
-        if line.rstrip().endswith(marker):
-            return number
-    raise AssertionError(marker)
+    return line_of_file(__file__, marker)
 
 
 class Busy:
