@@ -238,14 +238,11 @@ def _install_converter(driver: Driver, conn: Any, convert: Callable[..., int]) -
         conn.register_in_adapter(23, convert)
 
 
-def _overlap_is_caught(driver: Driver, conn: Any) -> None:
-    """The control after a silent part: two threads inside one cursor of ``conn`` at once
-    (exclusive at every threadsafety level) are reported, and only that. As in
-    test_concurrent_cursor_use_is_caught, on a connection that is already open."""
-    assert sanitizer.violations() == []
-    tracked(conn)
-    inside, release = threading.Event(), threading.Event()
-    _install_converter(driver, conn, _pausing(inside, release))
+def _race_on_a_cursor(driver: Driver, conn: Any, inside: threading.Event,
+                      release: threading.Event) -> list[sanitizer.ThreadAffinityError]:
+    """worker-0 pauses inside one cursor of ``conn`` (execute() or fetchall(), in the
+    driver's converter) while worker-1 calls fetchall() on it, under action=raise;
+    the ThreadAffinityErrors worker-1 got."""
     query = "SELECT CAST(1 AS INTEGER)" if driver.postgres else "SELECT 1"
     cur = conn.cursor()
     in_execute = driver.name in CONVERT_IN_EXECUTE
@@ -273,6 +270,18 @@ def _overlap_is_caught(driver: Driver, conn: Any) -> None:
     with raising():
         run(a, b)
     cur.close()
+    return caught
+
+
+def _overlap_is_caught(driver: Driver, conn: Any) -> None:
+    """The control after a silent part: two threads inside one cursor of ``conn`` at once
+    (exclusive at every threadsafety level) are reported, and only that. As in
+    test_concurrent_cursor_use_is_caught, on a connection that is already open."""
+    assert sanitizer.violations() == []
+    tracked(conn)
+    inside, release = threading.Event(), threading.Event()
+    _install_converter(driver, conn, _pausing(inside, release))
+    caught = _race_on_a_cursor(driver, conn, inside, release)
     assert len(caught) == 1
     assert found() == [("exclusive", "fetchall")]
 
@@ -281,32 +290,7 @@ def test_concurrent_cursor_use_is_caught(driver: Driver, log_file: Path) -> None
     """Two threads inside one cursor at once: exclusive at every threadsafety level."""
     inside, release = threading.Event(), threading.Event()
     conn = _pause_inside_conversion(driver, inside, release)
-    query = "SELECT CAST(1 AS INTEGER)" if driver.postgres else "SELECT 1"
-    cur = conn.cursor()
-    in_execute = driver.name in CONVERT_IN_EXECUTE
-    if not in_execute:
-        cur.execute(query)
-    caught: list[sanitizer.ThreadAffinityError] = []
-
-    def a() -> None:  # pauses inside execute() or fetchall(), in the driver
-        try:
-            if in_execute:
-                cur.execute(query)
-            assert rows(cur.fetchall()) == [(1,)]
-        finally:
-            release.set()
-
-    def b() -> None:
-        try:
-            assert inside.wait(TIMEOUT)
-            cur.fetchall()  # action=raise: stopped before it reaches the driver
-        except sanitizer.ThreadAffinityError as exc:
-            caught.append(exc)
-        finally:
-            release.set()
-
-    with raising():
-        run(a, b)
+    caught = _race_on_a_cursor(driver, conn, inside, release)
     conn.close()
     assert policies() == ["exclusive"]
     assert len(caught) == 1

@@ -22,7 +22,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from conftest import Sanitized
-from support import in_thread, run_program, started
+from support import in_thread, line_of_file, run_program, started
 from support import line_of as line_in
 
 import sanitizer
@@ -35,11 +35,7 @@ SECRET = b"secret-payload-42"
 
 
 def line_of(marker: str) -> int:
-    with open(HERE, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if line.rstrip().endswith(f"# {marker}"):
-                return number
-    raise AssertionError(marker)
+    return line_of_file(HERE, f"# {marker}")
 
 
 @pytest.fixture

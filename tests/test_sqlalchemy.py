@@ -22,7 +22,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
-from support import found, in_thread, inside_query, raising, started, tracked
+from support import found, in_thread, inside_query, line_of_file, raising, started, tracked
 
 import sanitizer
 from sanitizer import control, stacks
@@ -72,11 +72,7 @@ def make_engine(tmp_path: Path, gate: Gate | None = None, **kwargs: Any) -> Engi
 
 
 def line_of(marker: str) -> int:
-    with open(HERE, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if line.rstrip().endswith(f"# {marker}"):
-                return number
-    raise AssertionError(marker)
+    return line_of_file(HERE, f"# {marker}")
 
 
 def report_event() -> threading.Event:
