@@ -13,6 +13,7 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import stacks
+from sanitizer.render import OwnDescriptor
 from sanitizer.report import Violation
 from sanitizer.state import STATE
 
@@ -73,8 +74,10 @@ class Forwarder:
         self.path = path
         self._lock = threading.Lock()
         self._pid = 0  # the process that the state below belongs to
-        self._fd = -1
-        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of what _fd was opened on
+        # Opened by path at the first record; no O_CREAT: once the collector has
+        # removed the channel, nothing is written.
+        self._out = OwnDescriptor(
+            lambda: os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), now=False)
         self._refs: dict[tuple[object, ...], str] = {}  # violation key -> its record's ref
         STATE.forwarders.add(self)
 
@@ -123,26 +126,7 @@ class Forwarder:
 
         data = (json.dumps(record, default=repr, separators=(",", ":")) + "\n").encode(
             "utf-8", "replace")
-        fd = self._descriptor()
-        written = os.write(fd, data)  # one write per line: whole, and before any os._exit
-        while 0 < written < len(data):  # a regular file writes it all but when full
-            data = data[written:]
-            written = os.write(fd, data)
-
-    def _descriptor(self) -> int:
-        """The channel's descriptor, reopened if the program closed it or reused its number."""
-        if self._fd >= 0:
-            try:
-                info = os.fstat(self._fd)
-                if (info.st_dev, info.st_ino) == self._file:
-                    return self._fd
-            except OSError:
-                pass
-        # No O_CREAT: once the collector has removed the channel, nothing is written.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        info = os.fstat(fd)
-        self._fd, self._file = fd, (info.st_dev, info.st_ino)
-        return fd
+        self._out.write(data)  # one write per line: whole, and before any os._exit
 
 
 def renew_after_fork() -> None:

@@ -14,17 +14,52 @@ from sanitizer.options import Options
 EVENT = "thread_affinity_violation"
 
 
+class OwnDescriptor:
+    """A descriptor the sanitizer opened itself, reopened (by ``reopen``) whenever the
+    program closed it or put a file of its own under its number (a daemon's
+    ``closerange``, a ``dup2``): the sanitizer never writes to, or closes, the program's.
+
+    Checked before each write; writes are rare (one per unique violation).
+    """
+
+    def __init__(self, reopen: Callable[[], int], *, now: bool = True) -> None:
+        self.reopen = reopen
+        self.fd = -1
+        self._identity: tuple[int, int] | None = None
+        if now:
+            self._open()  # an OSError here, at start, is a bad path failing early
+
+    def _open(self) -> None:
+        self.fd = self.reopen()
+        self._identity = _identity(self.fd)
+
+    def write(self, data: bytes) -> None:
+        """Write all of ``data``, to a descriptor of ours, or raise the OSError."""
+        if self.fd < 0:
+            self._open()
+        else:
+            try:
+                ours = _identity(self.fd) == self._identity
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                ours = False
+            if not ours:
+                self._open()  # the old number is the program's now (or free)
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+
 class LineWriter:
     """structlog's logger at the end of our pipeline: one ``os.write`` per event.
 
     A single write of a whole line, on an O_APPEND descriptor, keeps lines from
     many threads and processes whole, and survives a following ``os._exit``.
 
-    It writes only to the descriptor it opened itself: a program may close it or
-    reuse its number (a daemon's ``closerange``, a ``dup2``), so the descriptor is
-    checked before each write (writes are rare: one per unique violation) and
-    reopened if it is no longer ours. A line that cannot be written is counted as
-    lost, said once on fd 2, and never raised into the program.
+    It writes only to the descriptor it opened itself (OwnDescriptor). A line that
+    cannot be written is counted as lost, said once on fd 2, and never raised into
+    the program.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -35,8 +70,11 @@ class LineWriter:
         # One check-reopen-write at a time (no leaked reopens); reentrant, so that a
         # signal handler reporting in the middle of a write cannot deadlock the program.
         self._lock = threading.RLock()
-        self.fd = self._open()  # an OSError here, at start, is a bad path failing early
-        self._identity = _identity(self.fd)
+        self._out = OwnDescriptor(self._open)
+
+    @property
+    def fd(self) -> int:
+        return self._out.fd
 
     def _open(self) -> int:
         """A new descriptor for our destination, close-on-exec: children never inherit it."""
@@ -47,24 +85,9 @@ class LineWriter:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         return os.open(self.path, flags, 0o644)
 
-    def _ensure_ours(self) -> None:
-        """Reopen if the program closed our descriptor or put a file of its own under it."""
-        try:
-            if _identity(self.fd) == self._identity:
-                return
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-        # The old number is the program's now (or free): never write to it or close it.
-        self.fd = self._open()
-        self._identity = _identity(self.fd)
-
     def _write(self, data: bytes) -> None:
         """Write all of ``data`` to our destination, or raise the OSError."""
-        self._ensure_ours()
-        while data:
-            written = os.write(self.fd, data)
-            data = data[written:]
+        self._out.write(data)
 
     def msg(self, message: str) -> None:
         """Write one event line; if it cannot be written, count it as lost instead."""
