@@ -24,6 +24,7 @@ BUILTIN = {
     "sqlalchemy": "sanitizer.plugins.sqlalchemy",
     "pyzmq": "sanitizer.plugins.pyzmq",
     "duckdb": "sanitizer.plugins.duckdb",
+    "asyncio": "sanitizer.plugins.asyncio",
 }
 
 

@@ -100,13 +100,15 @@ def patch_class(
     make_record: Callable[[Any], Any] | None,
     methods: Methods | None = None,
     checks: Checks | None = None,
+    after_init: Callable[[Any], None] | None = None,
 ) -> None:
     """Guard a Python class in place.
 
     ``patch(owner, name, value)`` sets attributes (a Patcher, so that they can be
     restored). With ``make_record``, instances made from now on get a record in
     ``__init__``; other instances keep the class-level UNTRACKED record and are
-    not checked.
+    not checked. ``after_init(obj)`` runs after the original ``__init__`` (to read what
+    it set up, such as the loop the object keeps; it may run more than once per object).
     """
     if "_sanitizer_record" not in vars(cls):
         patch(cls, "_sanitizer_record", UNTRACKED)
@@ -127,6 +129,8 @@ def patch_class(
             except AttributeError:  # no __dict__: stays untracked
                 pass
         original_init(self, *args, **kwargs)
+        if after_init is not None:
+            after_init(self)
 
     patch(cls, "__init__", __init__)
     patch(cls, "__sanitizer_init__", True)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sanitizer import stacks, threads
+from sanitizer import loops, stacks, threads
 from sanitizer.state import STATE
 
 if TYPE_CHECKING:
+    from sanitizer.loops import LoopToken
     from sanitizer.policies import Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """Where an object was bound to its event loop, when that was after it was made."""
+
+    stack: stacks.Stack
+    thread: threads.ThreadToken
+    task: dict[str, Any] | None
 
 
 class _Sentinel:
@@ -35,8 +47,11 @@ class OwnerRecord:
     __slots__ = (
         "__weakref__",
         "_type",
+        "binding",
         "busy",
         "creation_stack",
+        "depth",
+        "loop",
         "name",
         "object_id",
         "owner",
@@ -44,7 +59,10 @@ class OwnerRecord:
         "pid",
         "policy",
         "resource",
+        "origin_loop",
+        "origin_task",
         "sharing",
+        "task",
     )
 
     def __init__(
@@ -69,6 +87,17 @@ class OwnerRecord:
         self.creation_stack = creation_stack
         self.busy: object = None
         self.sharing = 0
+        # -- event loops (loops.py): all None/0 for objects that never meet one --
+        #: The LoopToken the object is bound to (the loop policy), or None: unbound.
+        self.loop: LoopToken | None = None
+        #: Where, in which task, the binding happened, when it was not at creation.
+        self.binding: Binding | None = None
+        #: The loop and task (description) the object was made in.
+        self.origin_loop: LoopToken | None = owner.loop
+        self.origin_task: dict[str, Any] | None = None
+        #: The task inside an operation on the object (the task policy), and how deep.
+        self.task: object = None
+        self.depth = 0
 
     @property
     def tracked(self) -> bool:
@@ -81,6 +110,14 @@ class OwnerRecord:
         if not isinstance(kind, str):
             kind = self._type = qualified_name(kind)
         return kind
+
+    def bind(self, loop: LoopToken, stack: stacks.Stack = ()) -> None:
+        """The object now belongs to ``loop`` (``stack``: where it was bound, if not
+        where it was made)."""
+        self.loop = loop
+        if stack:
+            me = threads.local.token
+            self.binding = Binding(stack, me, loops.describe_task(loops.current_task(me)))
 
     def transfer_to_current_thread(self) -> None:
         owner = self.owner = threads.local.token
@@ -141,6 +178,8 @@ def new_record(
         creation_stack = stacks.capture(stack_depth, frame)
     record = OwnerRecord(policy, object_type or type(obj), id(obj), creation_stack, name,
                          resource, threads.describe_current())
+    if record.origin_loop is not None:
+        record.origin_task = loops.describe_task(loops.current_task())
     _remember(record)
     return record
 
@@ -166,6 +205,13 @@ def qualified_name(cls: type) -> str:
     module = cls.__module__
     if module in ("builtins", "__main__"):
         return str(cls.__qualname__)
+    # The name users write: asyncio.Queue, not asyncio.queues.Queue; asyncio.Future, not
+    # _asyncio.Future (the package re-exports its modules' and accelerator's types).
+    package = module.lstrip("_").partition(".")[0]
+    if package != module:
+        public = sys.modules.get(package)
+        if public is not None and getattr(public, cls.__qualname__, None) is cls:
+            module = package
     return f"{module}.{cls.__qualname__}"
 
 

@@ -51,11 +51,13 @@ from collections.abc import Callable, Iterator, Mapping
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-from sanitizer import instrument, ownership, policies, proxy, stacks, threads
+from sanitizer import instrument, loops, ownership, policies, proxy, stacks, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
 from sanitizer.patching import Patcher
-from sanitizer.policies import Check, Exclusive, Policy, Process, Strict
+from sanitizer.loops import LoopToken, TaskSupport
+from sanitizer.policies import (Check, EventLoopThread, Exclusive, LoopBound, NoBlock, Policy,
+                                Process, Strict, TaskPolicy)
 from sanitizer.proxy import TrackedProxy
 from sanitizer.report import Violation
 from sanitizer.state import STATE
@@ -72,13 +74,27 @@ INTERNAL_DIRS = stacks.INTERNAL_DIRS
 STRICT = policies.STRICT_POLICY
 EXCLUSIVE = policies.EXCLUSIVE_POLICY
 PROCESS = policies.PROCESS_POLICY
+#: Event loops: the object's loop only (``LoopBound(hint)`` for one with advice of its
+#: own); an event loop's own methods (only from the thread running it); one task at a
+#: time inside async operations, on the object's loop.
+LOOP = policies.LOOP_POLICY
+EVENT_LOOP = policies.EVENT_LOOP_POLICY
+TASK = policies.TASK_POLICY
+#: ``NOBLOCK.over(policy, kind)``: ``policy``'s guards, also reporting calls made while
+#: an event loop runs in the thread (``kind``: "network" or "local", see ``Blocking``).
+NOBLOCK = policies.NOBLOCK_POLICY
 
 __all__ = [
+    "EVENT_LOOP",
     "EXCLUSIVE",
+    "EventLoopThread",
     "FORKED",
     "INTERNAL_DIRS",
+    "LOOP",
+    "NOBLOCK",
     "OWN",
     "PROCESS",
+    "TASK",
     "STRICT",
     "UNTRACKED",
     "Check",
@@ -86,12 +102,17 @@ __all__ = [
     "Context",
     "Exclusive",
     "Installer",
+    "LoopBound",
+    "LoopToken",
     "Methods",
+    "NoBlock",
     "OwnerRecord",
     "Plugin",
     "Policy",
     "Process",
     "Strict",
+    "TaskPolicy",
+    "TaskSupport",
     "ThreadAffinityError",
     "ThreadDescriber",
     "ThreadToken",
@@ -301,14 +322,18 @@ class Context:
 
     def patch_class(self, cls: type, policy: Policy, methods: Methods, *,
                     make_record: Callable[[Any], OwnerRecord] | None = None,
-                    own_only: bool = False) -> None:
+                    own_only: bool = False,
+                    after_init: Callable[[Any], None] | None = None) -> None:
         """Guard a Python class in place (undone by disable()). With ``make_record``,
         instances made from now on get a record when created; the others are not
-        checked. ``own_only`` guards only the methods ``cls`` defines itself."""
+        checked. ``own_only`` guards only the methods ``cls`` defines itself.
+        ``after_init(obj)`` runs after the class's own ``__init__`` (to read what it
+        set up, e.g. ``bind`` to the loop it keeps)."""
         params, checks = split(methods)
         if own_only:
             params = {name: p for name, p in params.items() if name in vars(cls)}
-        instrument.patch_class(cls, policy, self.patcher.replace, make_record, params, checks)
+        instrument.patch_class(cls, policy, self.patcher.replace, make_record, params, checks,
+                               after_init)
 
     @staticmethod
     def proxy(obj: Any, record: OwnerRecord, methods: Methods) -> Any:
@@ -354,14 +379,69 @@ class Context:
         class is a Python class, else a proxy); use the return value."""
         return self._sanitizer.track(obj, policy, name)
 
+    # -- event loops and tasks -----------------------------------------------------------
+
+    @staticmethod
+    def loop_running(loop: object | None) -> None:
+        """The calling thread now runs ``loop`` (None: it stopped): the library's own
+        "set the running loop" calls this."""
+        loops.running(loop)
+
+    def loop_closed(self, loop: object) -> None:
+        """``loop`` was closed at the caller's line."""
+        loops.closed(loop, sys._getframe(1), self.stack_depth)
+
+    def loop_token(self, loop: object) -> LoopToken:
+        """The token of ``loop`` (its serial, creation site and state)."""
+        return loops.token_for(loop, sys._getframe(1), self.stack_depth)
+
+    @staticmethod
+    def running_loop() -> LoopToken | None:
+        """The token of the loop running in the calling thread, or None."""
+        return threads.local.token.loop
+
+    def bind(self, record: OwnerRecord, loop: object, *, here: bool = False) -> None:
+        """The object of ``record`` now belongs to ``loop`` (the loop policies check it
+        from now on). ``here``: say in reports that it was bound at the caller's line
+        (for objects that bind after they were made, as asyncio's locks do)."""
+        if record.policy is None or loop is None:
+            return
+        stack = stacks.capture(self.stack_depth, sys._getframe(1)) if here else ()
+        record.bind(loops.token_for(loop), stack)
+
+    @staticmethod
+    def bind_running(record: OwnerRecord) -> None:
+        """Bind the object of ``record`` to the loop running in the calling thread, if
+        any (objects that keep no loop, when their transport opens)."""
+        loop = threads.local.token.loop
+        if record.policy is not None and loop is not None and record.loop is None:
+            record.bind(loop)
+
+    @staticmethod
+    def lend_tasks(support: TaskSupport) -> None:
+        """How to read the current task and describe tasks (the event-loop plugin's)."""
+        STATE.tasks = support
+
+    @staticmethod
+    def report_blocking(*, network: bool, local: bool) -> None:
+        """Which blocking calls made while a loop runs in the thread ``NOBLOCK`` reports."""
+        STATE.noblock.network = network
+        STATE.noblock.local = local
+
+    @staticmethod
+    def current_task() -> object:
+        """The task running now in the calling thread, or None."""
+        return loops.current_task()
+
     # -- checking and reporting ---------------------------------------------------------
 
     @staticmethod
-    def check(obj: object, record: OwnerRecord, operation: str, holder: object = None
-              ) -> bool:
-        """The slow path of a guard written by hand: the record's policy decides whether
-        this use breaks it, and reports. True: it did (run the call ``quiet()``)."""
-        return policies.slow_path(obj, record, operation, holder)
+    def check(obj: object, record: OwnerRecord, operation: str, holder: object = None, *,
+              policy: Policy | None = None) -> bool:
+        """The slow path of a guard written by hand: the record's policy (or ``policy``)
+        decides whether this use breaks it, and reports. True: it did (run the call
+        ``quiet()``)."""
+        return policies.slow_path(obj, record, operation, holder, policy)
 
     @staticmethod
     def report(obj: object, record: OwnerRecord, operation: str, verdict: str, policy: Policy,

@@ -10,6 +10,7 @@ through; anything unusual goes to ``_slow_path``, which decides and reports.
 from __future__ import annotations
 
 import ast
+import contextvars
 import enum
 import functools
 import inspect
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sanitizer import stacks, threads
+from sanitizer import loops, stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.ownership import FORKED, OwnerRecord, record_of
 from sanitizer.state import STATE
@@ -86,6 +87,61 @@ if (_g_holder is not None or _g_me is not _g_record.owner) and _g_slow(
 return {call}
 """
 
+# -- event loops (loops.py). ``_g_me.loop`` is the loop running in this thread. --
+
+# The object belongs to the loop it is bound to (``record.loop``; None: unbound,
+# anything goes): used under that loop, it costs one more attribute read than strict.
+LOOP = """\
+_g_record = {record}
+_g_me = _g_local.token
+if _g_record.loop is not _g_me.loop and _g_record.loop is not None and _g_slow(
+        self, _g_record, {operation!r}, None):
+    {reported}
+return {call}
+"""
+
+# The same for a coroutine method: checked when the coroutine is awaited, not when it
+# is made (a worker thread may make one for run_coroutine_threadsafe()).
+LOOP_AWAITED = """\
+_g_record = {record}
+if _g_record.loop is not _g_local.token.loop and _g_record.loop is not None:
+    return _g_awaited(self, _g_record, {operation!r}, {call})
+return {call}
+"""
+
+# One task at a time inside the object's async operations (spans), nested by the same
+# task; the loop's rule first. A span is also noted in the task's context, so that
+# helper tasks the holder starts inside it (and awaits) are not intruders.
+TASK = """\
+_g_record = {record}
+_g_me = _g_local.token
+if _g_record.loop is not _g_me.loop and _g_record.loop is not None and _g_slow(
+        self, _g_record, {operation!r}, None):
+    {reported}
+_g_task = _g_current_task(_g_me)
+_g_holder = _g_record.task
+if _g_holder is None or _g_holder is _g_task:
+    _g_record.task = _g_task
+    _g_record.depth += 1
+    _g_span = _g_spans.set((_g_record, _g_task, _g_spans.get()))
+    try:
+        return await {call}
+    finally:
+        _g_spans.reset(_g_span)
+        _g_record.depth -= 1
+        if not _g_record.depth:
+            _g_record.task = None
+if _g_task is not None and _g_slow(self, _g_record, {operation!r}, _g_holder):
+    {reported}
+return await {call}
+"""
+
+# Put before another policy's body: a blocking call while a loop runs in this thread.
+NOBLOCK = """\
+if _g_local.token.loop is not None and _g_noblock.{kind}:
+    _g_blocking(self, {record}, {operation!r}, None)
+"""
+
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
 _g_record = {record}
@@ -95,6 +151,22 @@ try:
 finally:
     _g_policy.exit(self, _g_record, _g_state)
 """
+
+# An async guard's reported call: quiet for this task only (a thread's ``quiet`` would
+# leak into the other tasks that run while it waits).
+REPORTED_ASYNC = """\
+_g_hushed = _g_hush.set(True)
+try:
+    return await {call}
+finally:
+    _g_hush.reset(_g_hushed)
+"""
+
+#: True inside an async call already reported: the layers beneath stay silent.
+HUSH: contextvars.ContextVar[bool] = contextvars.ContextVar("sanitizer_hush", default=False)
+#: The task policy's spans entered in this context: linked (record, task, next) tuples.
+SPANS: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar(
+    "sanitizer_spans", default=None)
 
 RESERVED_PREFIX = "_g_"
 RECORD = "self._sanitizer_record"
@@ -134,6 +206,14 @@ class Policy:
     #: Whether ``record.busy`` names the thread inside a call while one is (exclusive's
     #: guards keep it so); other policies' records say nothing of who is inside.
     marks_inside: ClassVar[bool] = False
+    #: Whether this policy sees its violations only after the state changed (a future
+    #: already completed): they are reported, never raised, since raising then could
+    #: only leave the program hanging.
+    after_the_fact: bool = False
+
+    def template_for(self, func: Callable[..., Any] | None) -> str:
+        """The template of the guard of ``func`` (policies may tell coroutines apart)."""
+        return self.template
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -199,7 +279,7 @@ class Policy:
             namespace.update(own_defaults)
         call = f"_g_func(self, {call_arguments(params)})"
         return compile_guard(self, call, operation, params, name or operation, namespace,
-                             wrapped=func, record=record)
+                             wrapped=func, record=record, template=self.template_for(func))
 
     def guard_expression(
         self,
@@ -348,6 +428,9 @@ class Releasing(Policy):
         self.template = base.template  # type: ignore[misc]
         self.name = base.name  # type: ignore[misc]
 
+    def template_for(self, func: Callable[..., Any] | None) -> str:
+        return self.base.template_for(func)
+
     def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
         return (record.policy or self.base).holder(record, token, holder)
 
@@ -366,10 +449,192 @@ class Releasing(Policy):
         return f"<policy {self.name}, releasing>"
 
 
+class LoopBound(Policy):
+    """The object belongs to the event loop it is bound to (``record.loop``).
+
+    Bound when the library binds it (a future to its loop at creation, a lock when it
+    first waits); unbound objects are not checked. Violations: used under another
+    loop running in this thread, or from a thread other than the one running its
+    loop. Setup before its loop runs and teardown after it stops are allowed.
+    """
+
+    name = "loop"
+    template = LOOP
+    #: Whether use under another loop counts (False: only use from a thread other
+    #: than the one running the loop, for the loop's own methods).
+    other_loops: ClassVar[bool] = True
+
+    def __init__(self, hint: str = "", *, after_the_fact: bool = False) -> None:
+        #: Said after the message: how to do it right, in the library's words.
+        self.hint = hint
+        self.after_the_fact = after_the_fact
+
+    def template_for(self, func: Callable[..., Any] | None) -> str:
+        return LOOP_AWAITED if inspect.iscoroutinefunction(func) else LOOP
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        if record.pid != token.pid:
+            return "process"
+        loop = record.loop
+        if loop is None or record.sharing > 0 or token.loop is loop:
+            return None
+        if token.loop is not None and self.other_loops:
+            return "loop"  # under another loop
+        if loop.thread is None or loop.thread is token:
+            return None  # its loop is not running: setup, or teardown
+        return "loop"  # from a thread other than the one running its loop
+
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy != "loop" or record.loop is None:
+            return super().describe(violation, record, token)
+        what, root = _what(violation), violation.root_type or violation.object_type
+        loop, mine = record.loop, token.loop
+        if mine is not None and mine is not loop:
+            text = (f"{what} called {_in_task(violation)}under {mine.describe()}, but the "
+                    f"{root} is bound to {loop.describe()}")
+        else:
+            text = (f"{what} called by {_who(token)}, but the {root} belongs to "
+                    f"{loop.describe()}")
+        if record.binding is not None:
+            site = stacks.describe_site(stacks.site_of(record.binding.stack))
+            text += f" (bound there at {site})"
+        text += f" ({violation.policy} policy)"
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+class EventLoopThread(LoopBound):
+    """An event loop's own methods: only the thread running it may call those that are
+    not thread-safe (at other times, any thread may set it up or tear it down)."""
+
+    name = "event-loop"
+    other_loops = False
+
+
+class TaskPolicy(LoopBound):
+    """One task at a time inside the object's async operations, on its loop.
+
+    A task is inside from the moment it enters an async method until it returns
+    (nested calls by the same task count once), or while a span the plugin opened
+    for it lasts (an open transaction). A second task entering then is a violation;
+    tasks the holder started inside the span (its helpers) are not. Sync methods
+    follow the loop rule.
+    """
+
+    name = "task"
+
+    def template_for(self, func: Callable[..., Any] | None) -> str:
+        return TASK if inspect.iscoroutinefunction(func) else LOOP
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        if holder is None:  # the guard's loop check
+            return super().violated(record, token, holder, obj, operation)
+        if record.sharing > 0 or _helper_of(record, holder):
+            return None
+        return self.name
+
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy != self.name:
+            return super().describe(violation, record, token)
+        root = violation.root_type or violation.object_type
+        holder = loops.task_phrase(violation.holder_task or {})
+        return (f"{_what(violation)} called {_in_task(violation)}while task {holder} is "
+                f"inside an operation on the same {root} ({self.name} policy)"
+                + (f"; {self.hint}" if self.hint else ""))
+
+
+def _helper_of(record: OwnerRecord, holder: object) -> bool:
+    """Whether the calling task was started by ``holder`` inside its span on ``record``."""
+    span = SPANS.get()
+    while span is not None:
+        if span[0] is record and span[1] is holder:
+            return True
+        span = span[2]
+    return False
+
+
+def _in_task(violation: Violation) -> str:
+    task = violation.task
+    return f"in task {loops.task_phrase(task)} " if task else ""
+
+
+class NoBlock(Policy):
+    """A blocking call (a driver's query) on a thread whose event loop is running.
+
+    It stops every task on the loop until it returns. Composed with the object's own
+    policy (``over``); ``kind`` says which setting switches it on (``Blocking``).
+    """
+
+    name = "noblock"
+    own_verdict = True
+
+    def __init__(self, base: Policy | None = None, kind: str = "network") -> None:
+        self.base = base
+        self.kind = kind
+        if base is not None:
+            self.name = base.name  # type: ignore[misc]
+
+    def over(self, base: Policy, kind: str = "network") -> NoBlock:
+        """``base``'s guards with this check before them."""
+        return _noblocking(base, kind)
+
+    def template_for(self, func: Callable[..., Any] | None) -> str:
+        assert self.base is not None
+        return NOBLOCK.replace("{kind}", self.kind) + self.base.template_for(func)
+
+    @property
+    def template(self) -> str:  # type: ignore[override]
+        return self.template_for(None)
+
+    def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
+        if self.base is None:
+            return holder
+        return (record.policy or self.base).holder(record, token, holder)
+
+    def violated(
+        self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        if self.base is None:  # the check itself (_blocking_check)
+            return "noblock" if token.loop is not None else None
+        return (record.policy or self.base).violated(record, token, holder, obj, operation)
+
+    def describe(self, violation: Violation, record: OwnerRecord,
+                 token: threads.ThreadToken) -> str:
+        if violation.policy != "noblock":
+            return (record.policy or self.base or STRICT_POLICY).describe(
+                violation, record, token)
+        loop = token.loop
+        where = loop.describe() if loop is not None else "an event loop"
+        return (f"{_what(violation)} called {_in_task(violation)}on thread {token.label} "
+                f"'{token.current_name()}', which runs {where}: the blocking call stops every "
+                f"task on the loop until it returns; use an async driver, or run it in a "
+                f"worker thread (noblock policy)")
+
+    def __repr__(self) -> str:
+        return f"<policy noblock over {self.base!r}>" if self.base else "<policy noblock>"
+
+
+@functools.cache
+def _noblocking(base: Policy, kind: str) -> NoBlock:
+    return NoBlock(base, kind)
+
+
 STRICT_POLICY = Strict()
 EXCLUSIVE_POLICY = Exclusive()
 PROCESS_POLICY = Process()
 CONCURRENT_USE = ConcurrentUse()
+LOOP_POLICY = LoopBound()
+EVENT_LOOP_POLICY = EventLoopThread()
+TASK_POLICY = TaskPolicy()
+NOBLOCK_POLICY = NoBlock()
 
 
 @functools.cache
@@ -397,7 +662,7 @@ def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.Threa
     return None
 
 
-BUILTIN = (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY)
+BUILTIN = (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY, LOOP_POLICY, TASK_POLICY)
 STATE.policies.update((p.name, p) for p in BUILTIN)
 
 
@@ -433,7 +698,7 @@ def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object,
         return False
     policy = deciding or record.policy
     token = threads.local.token
-    if token.quiet:  # beneath a call that was already reported
+    if token.quiet or HUSH.get():  # beneath a call that was already reported
         return False
     if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
         token = threads.local.token = threads.ThreadToken()
@@ -473,6 +738,32 @@ def _slow_path_for(policy: Policy, role: str | None = None) -> Callable[..., boo
                              role=role)
 
 
+def _awaited_check_for(policy: Policy) -> Callable[..., Any]:
+    """What LOOP_AWAITED guards return when the loop looks wrong: the check, when awaited."""
+    return functools.partial(checked_when_awaited, policy if policy.own_verdict else None)
+
+
+async def checked_when_awaited(deciding: Policy | None, obj: object, record: OwnerRecord,
+                               operation: str, coroutine: Any) -> Any:
+    """Await ``coroutine`` after checking its object, in the thread and loop that await it."""
+    try:
+        violated = slow_path(obj, record, operation, None, deciding)
+    except BaseException:
+        coroutine.close()  # refused (action=raise): it never ran, and must not warn so
+        raise
+    if not violated:
+        return await coroutine
+    hushed = HUSH.set(True)
+    try:
+        return await coroutine
+    finally:
+        HUSH.reset(hushed)
+
+
+def _blocking_check(obj: object, record: OwnerRecord, operation: str, holder: object) -> bool:
+    return slow_path(obj, record, operation, holder, deciding=NOBLOCK_POLICY)
+
+
 def compile_guard(
     policy: Policy,
     call: str,
@@ -483,10 +774,13 @@ def compile_guard(
     *,
     wrapped: Callable[..., Any] | None = None,
     record: str = RECORD,
+    template: str | None = None,
 ) -> FunctionType:
     scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
-             "_g_operation": operation, **namespace}
-    exec(_guard_module(policy.template, call, params, record), scope)
+             "_g_operation": operation, "_g_awaited": _awaited_check_for(policy),
+             "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_hush": HUSH,
+             "_g_noblock": STATE.noblock, "_g_blocking": _blocking_check, **namespace}
+    exec(_guard_module(template or policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
     # Tracebacks show the code's name: the method's, not the shared source's.
     if sys.version_info >= (3, 11):
@@ -511,10 +805,13 @@ def compile_guard(
 @functools.cache
 def _guard_module(template: str, call: str, params: str, record: str) -> CodeType:
     """Compiled once per shape: a class's methods mostly share a few parameter lists."""
-    reported = REPORTED.format(call=call).replace("\n", "\n    ").rstrip()
+    asynchronous = "await " in template
+    reported = (REPORTED_ASYNC if asynchronous else REPORTED).format(call=call)
+    reported = reported.replace("\n", "\n    ").rstrip()
     body = template.format(call=call, operation=_Name("_g_operation"), record=record,
                            reported=reported)
-    source = f"def _g_guard(self, {params}):\n" + "".join(
+    define = "async def" if asynchronous else "def"
+    source = f"{define} _g_guard(self, {params}):\n" + "".join(
         "    " + line + "\n" for line in body.splitlines()
     )
     return compile(source, stacks.GUARD_FILENAME, "exec")

@@ -153,6 +153,19 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
         return (f"thread T{info['serial']} '{info['name']}' (ident {info['ident']}, "
                 f"native {info['native_id']}{state}) in pid {pid}")
 
+    def loop(info: dict[str, Any]) -> str:
+        state = info.get("state", "idle")
+        runner = info.get("thread")
+        if state == "running" and runner:
+            state = f"running in thread T{runner.get('serial')} '{runner.get('name')}'"
+        elif state == "closed" and info.get("closed"):
+            state = f"closed at {info['closed']}"
+        return f"event loop L{info.get('serial')} {info.get('type', '')} ({state})"
+
+    def task(info: dict[str, Any]) -> str:
+        coroutine = info.get("coroutine")
+        return f"'{info.get('name')}'" + (f" ({coroutine}())" if coroutine else "")
+
     def frames(stack: list[dict[str, Any]]) -> list[str]:
         if not stack:
             return ["    <no Python frames>"]
@@ -171,7 +184,16 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
     if e.get("holder_thread"):
         lines.append(f"  At the same time in use by {thread(e['holder_thread'], e['pid'])}:")
         lines += frames(e.get("holder_stack") or [])
+    elif e.get("holder_task"):
+        lines.append(f"  At the same time inside: task {task(e['holder_task'])}, waiting at:")
+        lines += frames(e.get("holder_stack") or [])
     created = e.get("root_type") or e["object_type"]
+    if e.get("owner_loop") and e.get("bound_stack"):
+        by = f" in task {task(e['bound_task'])}" if e.get("bound_task") else ""
+        lines.append(f"  {created} bound to {loop(e['owner_loop'])}{by}:")
+        lines += frames(e["bound_stack"])
+    elif e.get("owner_loop"):
+        lines.append(f"  {created} belongs to {loop(e['owner_loop'])}")
     lines.append(f"  {created} created by "
                  f"{thread(e['owner_thread'], e['owner_pid'], e['owner_alive'])}:")
     lines += frames(e["creation_stack"])

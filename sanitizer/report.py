@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from sanitizer import stacks, threads
+from sanitizer import loops, stacks, threads
 from sanitizer.exceptions import ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
-from sanitizer.ownership import OwnerRecord, qualified_type
+from sanitizer.ownership import FORKED, NEVER, OwnerRecord, qualified_type
 from sanitizer.policies import RESERVED_PREFIX, Policy
 from sanitizer.render import EVENT, LineWriter, build_logger, open_output
 from sanitizer.suppressions import Rule, load_suppressions
@@ -51,6 +51,19 @@ class Violation:
     args: dict[str, str] | None = None
     #: How the object took part, when not as the one whose method was called.
     role: str | None = None
+    # -- event loops and tasks (loops.py), where they take part --
+    #: The loop running in the accessing thread, and the loop the object belongs to.
+    loop: dict[str, Any] | None = None
+    owner_loop: dict[str, Any] | None = None
+    #: The accessing task, the task inside an operation on the object, the task that made it.
+    task: dict[str, Any] | None = None
+    holder_task: dict[str, Any] | None = None
+    owner_task: dict[str, Any] | None = None
+    #: Where (and in which task) the object was bound to its loop, if not where it was made.
+    bound_stack: stacks.Stack = ()
+    bound_task: dict[str, Any] | None = None
+    #: Seen only after the state changed: reported, never raised (policies.Policy).
+    after_the_fact: bool = False
 
     @property
     def creation_site(self) -> stacks.Frame | None:
@@ -100,6 +113,14 @@ class Violation:
             "resource": self.resource,
             "args": self.args,
             "role": self.role,
+            "loop": self.loop,
+            "owner_loop": self.owner_loop,
+            "task": self.task,
+            "holder_task": self.holder_task,
+            "owner_task": self.owner_task,
+            "bound_stack": stacks.as_dicts(self.bound_stack) if self.bound_stack else None,
+            "bound_task": self.bound_task,
+            "after_the_fact": self.after_the_fact,
         }
         fields.update((k, v) for k, v in optional.items() if v)
         return fields
@@ -121,9 +142,15 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
     assert isinstance(owner, threads.ThreadToken)
     holder_thread = holder if isinstance(holder, threads.ThreadToken) else None
     holder_stack: stacks.Stack = ()
+    holder_task = None
     if holder_thread is not None and holder_thread is not token:
         frame = sys._current_frames().get(holder_thread.ident)
         holder_stack = stacks.capture(depth, frame) if frame is not None else ()
+    elif holder is not None and holder_thread is None and holder is not FORKED \
+            and holder is not NEVER:
+        holder_task = loops.describe_task(holder)  # the task policy's holder: a task
+        holder_stack = loops.task_stack(holder, depth)
+    binding = record.binding
     object_type = qualified_type(obj)
     violation = Violation(
         policy=verdict,
@@ -147,6 +174,14 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         holder_stack=holder_stack,
         resource=record.resource,
         role=role,
+        loop=token.loop.as_dict() if token.loop is not None else None,
+        owner_loop=record.loop.as_dict() if record.loop is not None else None,
+        task=loops.describe_task(loops.current_task(token)),
+        holder_task=holder_task,
+        owner_task=record.origin_task,
+        bound_stack=binding.stack if binding is not None else (),
+        bound_task=binding.task if binding is not None else None,
+        after_the_fact=policy.after_the_fact,
     )
     if options.include_args:
         violation.args = quote_args(_guard_arguments(caller))
@@ -261,8 +296,10 @@ def warn(occurrence: Occurrence) -> Occurrence:
 
 
 def raise_(occurrence: Occurrence) -> Occurrence:
-    """Raises ThreadAffinityError in the offending thread, before the call goes on."""
-    if "raise" in occurrence.actions:
+    """Raises ThreadAffinityError in the offending thread, before the call goes on (never
+    for what was seen after the fact: the state changed already, and raising could only
+    leave the program hanging)."""
+    if "raise" in occurrence.actions and not occurrence.violation.after_the_fact:
         raise occurrence.error or ThreadAffinityError(occurrence.kind or occurrence.violation)
     return occurrence
 

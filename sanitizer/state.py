@@ -17,6 +17,7 @@ Importing this module imports nothing else of the sanitizer.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -29,9 +30,20 @@ if TYPE_CHECKING:
 
     from sanitizer.control import Sanitizer
     from sanitizer.forward import Forwarder
+    from sanitizer.loops import LoopToken, TaskSupport
     from sanitizer.ownership import OwnerRecord
     from sanitizer.policies import Policy, Sink
     from sanitizer.threads import ThreadDescriber, ThreadToken
+
+
+@dataclasses.dataclass
+class Blocking:
+    """Which kinds of blocking call on a running loop's thread are reported (``noblock``)."""
+
+    #: Calls that wait on a server (network database drivers).
+    network: bool = False
+    #: Calls that work in-process (sqlite3, DuckDB): common and harmless in async code.
+    local: bool = False
 
 
 class State:
@@ -56,6 +68,10 @@ class State:
         #: @thread_affine classes: the user's declarations, patched whenever one runs.
         self.affine_classes: weakref.WeakKeyDictionary[type, Policy] = (
             weakref.WeakKeyDictionary())
+        #: What the event-loop plugin lends about its tasks (loops.TaskSupport), or None.
+        self.tasks: TaskSupport | None = None
+        #: Which blocking calls on a running loop's thread are reported (policies.NoBlock).
+        self.noblock = Blocking()
         #: Per thread: the record that objects recorded now join (Context.deriving).
         self.deriving = threading.local()
         # -- caches of the above, cleared whenever it changes --
@@ -70,13 +86,18 @@ class State:
         self.records_limit = 1024  # prune dead references when there are this many
         self.pruning = threading.Lock()
         self.forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+        self.loop_serials = itertools.count(1)  # loop serials, never reused (L1, L2 ...)
+        self.loop_tokens: weakref.WeakKeyDictionary[Any, LoopToken] = (
+            weakref.WeakKeyDictionary())
+        self.loop_lock = threading.Lock()
 
     def save(self) -> dict[str, Any]:
         """A copy of the configuration, for restore()."""
         return {"sink": self.sink, "policies": dict(self.policies),
                 "describers": list(self.describers),
                 "library_prefixes": list(self.library_prefixes),
-                "boundaries": list(self.boundaries)}
+                "boundaries": list(self.boundaries), "tasks": self.tasks,
+                "noblock": dataclasses.astuple(self.noblock)}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Put the configuration back as save() found it."""
@@ -85,6 +106,9 @@ class State:
         self.describers = saved["describers"]
         self.library_prefixes = saved["library_prefixes"]
         self.boundaries = saved["boundaries"]
+        self.tasks = saved["tasks"]
+        # In place: guards hold the object.
+        self.noblock.network, self.noblock.local = saved["noblock"]
         self.kinds.clear()
         self.library_cache.clear()
 
@@ -103,6 +127,9 @@ def _after_fork_in_child() -> None:
     threads = modules.get("sanitizer.threads")
     if threads is not None:
         threads.renew_after_fork()  # first: the others ask for the current token
+    loops = modules.get("sanitizer.loops")
+    if loops is not None:
+        loops.renew_after_fork()
     ownership = modules.get("sanitizer.ownership")
     if ownership is not None:
         ownership.invalidate_after_fork()

@@ -7,8 +7,12 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sanitizer.state import STATE
+
+if TYPE_CHECKING:
+    from sanitizer.loops import LoopToken
 
 # Plugins add describers (e.g. "asgiref thread-sensitive executor"); each returns a
 # short phrase about the calling thread, or None.
@@ -18,7 +22,8 @@ ThreadDescriber = Callable[[], "str | None"]
 class ThreadToken:
     """One per thread per process. Compared by identity on the hot path."""
 
-    __slots__ = ("__weakref__", "ident", "name", "native_id", "pid", "quiet", "serial", "thread")
+    __slots__ = ("__weakref__", "ident", "loop", "name", "native_id", "pid", "quiet",
+                 "running_loop", "serial", "thread")
 
     def __init__(self) -> None:
         thread = threading.current_thread()
@@ -30,6 +35,9 @@ class ThreadToken:
         self.name = thread.name
         self.thread: weakref.ref[threading.Thread] = weakref.ref(thread)
         self.quiet = 0  # > 0 inside a call already reported: nested layers stay silent
+        #: The LoopToken of the event loop running in this thread, and the loop (loops.py).
+        self.loop: LoopToken | None = None
+        self.running_loop: object = None
         STATE.tokens[self.ident] = self
 
     @property
@@ -90,12 +98,8 @@ def add_describer(describer: ThreadDescriber) -> None:
 
 def describe_current() -> list[str]:
     """Short phrases about what the calling thread is doing (cold path only)."""
-    phrases: list[str] = []
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None:
-        loop = asyncio.events._get_running_loop()
-        if loop is not None:
-            phrases.append(f"running event loop {type(loop).__name__} at {id(loop):#x}")
+    loops = sys.modules.get("sanitizer.loops")
+    phrases: list[str] = loops.describe_current() if loops is not None else []
     for describer in STATE.describers:
         try:
             phrase = describer()

@@ -231,7 +231,7 @@ class TestReports:
         assert busy.outcome == {"value": [(1,)]}  # the holder's query was not disturbed
         [record] = run.records()
         assert (record["policy"], record["operation"]) == ("exclusive", "execute")
-        assert record["object_type"] == "_duckdb.DuckDBPyConnection"
+        assert record["object_type"] == "duckdb.DuckDBPyConnection"
         assert record["access_stack"][0]["line"] == line_of_here("# second thread")
         assert record["holder_thread"]["name"] == "holder"
         assert any(f["function"] == "Busy.hold" for f in record["holder_stack"])
@@ -277,8 +277,8 @@ class TestReports:
             "fetchall", "project", "agg", "flush", "iter_rows"]
         assert {r["object_type"] for r in records} == {
             "duckdb._relation.DuckDBPyRelation", "duckdb._relation.GroupedRelation",
-            "_duckdb.Appender"}
-        assert {r["root_type"] for r in records} == {"_duckdb.DuckDBPyConnection"}
+            "duckdb.Appender"}
+        assert {r["root_type"] for r in records} == {"duckdb.DuckDBPyConnection"}
 
     def test_module_level_functions_race_on_the_default_connection(
             self, enable: Any, fresh_default: Any) -> None:

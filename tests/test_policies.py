@@ -56,7 +56,7 @@ def test_get_knows_the_built_ins_and_names_the_accepted_ones() -> None:
     assert policies.get("strict") is STRICT_POLICY
     assert policies.get(EXCLUSIVE_POLICY) is EXCLUSIVE_POLICY
     with pytest.raises(ConfigError, match="unknown policy 'nope'; expected one of: "
-                                          "exclusive, process, strict"):
+                                          "exclusive, loop, process, strict, task"):
         policies.get("nope")
 
 

@@ -1125,7 +1125,7 @@ class TestAsyncio:
         ''')
         result = suite.runpytest_subprocess("--sanitize-threads")
         result.assert_outcomes(passed=2, failed=1)
-        result.stdout.fnmatch_lines(["*_ test_to_thread _*", "*(running event loop *",
+        result.stdout.fnmatch_lines(["*_ test_to_thread _*", "*(in task 'Task-*' (test_to_thread()) on event loop L*)",
                                      "FAILED *::test_to_thread - thread-affinity violation*"])
 
 
