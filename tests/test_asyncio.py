@@ -330,24 +330,34 @@ class TestAllowed:
         run(main)
         assert sanitized.records() == []
 
-    def test_nest_asyncio_re_entry(self, sanitized: Sanitized) -> None:
-        nest_asyncio = pytest.importorskip("nest_asyncio")
-        loop = asyncio.new_event_loop()
-        nest_asyncio.apply(loop)
-        try:
-            async def inner() -> int:
-                queue: asyncio.Queue[int] = asyncio.Queue()
-                queue.put_nowait(7)
-                return await queue.get()
+    def test_nest_asyncio_re_entry(self, tmp_path: Path) -> None:
+        pytest.importorskip("nest_asyncio")
+        # In its own process: nest_asyncio patches asyncio for good.
+        source = """
+            import asyncio, nest_asyncio
+            from sanitizer.ownership import record_of
 
-            async def outer() -> int:
-                tracked(loop)
+            loop = asyncio.new_event_loop()
+            nest_asyncio.apply(loop)
+
+            async def inner():
+                queue = asyncio.Queue()
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.sleep(0)
+                assert record_of(queue).loop is not None
+                queue.put_nowait(7)
+                return await getter
+
+            async def outer():
+                assert record_of(loop) is not None
                 return loop.run_until_complete(inner())  # re-entered, as Jupyter does
 
-            assert loop.run_until_complete(outer()) == 7
-        finally:
+            print(loop.run_until_complete(outer()))
             loop.close()
-        assert sanitized.records() == []
+        """
+        proc, records = run_program(tmp_path, source)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "7"), proc.stderr
+        assert records == []
 
     def test_finalization_on_another_thread(self, sanitized: Sanitized) -> None:
         class Closer:
