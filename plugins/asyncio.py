@@ -46,6 +46,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from sanitizer.plugin import Check as _Check
 from sanitizer.plugin import (
     ConfigError,
     Context,
@@ -57,7 +58,6 @@ from sanitizer.plugin import (
     TaskSupport,
     record_of,
 )
-from sanitizer.plugin import Check as _Check
 
 NONE = _Check.NONE
 
@@ -177,7 +177,7 @@ def _patch_loops(base: type, selector: type, context: Context) -> None:
 
     context.patch_class(base, LOOP_THREAD, LOOP_METHODS, make_record=make_record, own_only=True)
     context.patch_class(selector, LOOP_THREAD, SELECTOR_METHODS, own_only=True)
-    context.replace(base, "call_soon", _guard_call_soon(base.call_soon, context))
+    context.replace(base, "call_soon", _guard_call_soon(vars(base)["call_soon"], context))
 
     def close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         result = wrapped(*args, **kwargs)

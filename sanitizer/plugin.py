@@ -53,11 +53,20 @@ from typing import TYPE_CHECKING, Any
 
 from sanitizer import instrument, loops, ownership, policies, proxy, stacks, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
+from sanitizer.loops import LoopToken, TaskSupport
 from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
 from sanitizer.patching import Patcher
-from sanitizer.loops import LoopToken, TaskSupport
-from sanitizer.policies import (Check, EventLoopThread, Exclusive, LoopBound, NoBlock, Policy,
-                                Process, Strict, TaskPolicy)
+from sanitizer.policies import (
+    Check,
+    EventLoopThread,
+    Exclusive,
+    LoopBound,
+    NoBlock,
+    Policy,
+    Process,
+    Strict,
+    TaskPolicy,
+)
 from sanitizer.proxy import TrackedProxy
 from sanitizer.report import Violation
 from sanitizer.state import STATE
@@ -87,19 +96,19 @@ NOBLOCK = policies.NOBLOCK_POLICY
 __all__ = [
     "EVENT_LOOP",
     "EXCLUSIVE",
-    "EventLoopThread",
     "FORKED",
     "INTERNAL_DIRS",
     "LOOP",
     "NOBLOCK",
     "OWN",
     "PROCESS",
-    "TASK",
     "STRICT",
+    "TASK",
     "UNTRACKED",
     "Check",
     "ConfigError",
     "Context",
+    "EventLoopThread",
     "Exclusive",
     "Installer",
     "LoopBound",

@@ -202,6 +202,8 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
         lines.append("  resource: " + ", ".join(f"{k}={v}" for k, v in e["resource"].items()))
     if e.get("args"):
         lines.append("  arguments: " + ", ".join(f"{k}={v}" for k, v in e["args"].items()))
+    if e.get("hint"):
+        lines.append(f"  hint: {e['hint']}")
     user = [f for f in e["access_stack"] if not stacks.is_library_file(str(f["file"]))]
     site = (user or e["access_stack"] or [None])[0]
     where = f"{site['file']}:{site['line']} in {site['function']}" if site else "<unknown>"

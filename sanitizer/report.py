@@ -64,6 +64,8 @@ class Violation:
     bound_task: dict[str, Any] | None = None
     #: Seen only after the state changed: reported, never raised (policies.Policy).
     after_the_fact: bool = False
+    #: How to fix it, where an integration knows (the pytest plugin: loop scopes).
+    hint: str | None = None
 
     @property
     def creation_site(self) -> stacks.Frame | None:
@@ -121,6 +123,7 @@ class Violation:
             "bound_stack": stacks.as_dicts(self.bound_stack) if self.bound_stack else None,
             "bound_task": self.bound_task,
             "after_the_fact": self.after_the_fact,
+            "hint": self.hint,
         }
         fields.update((k, v) for k, v in optional.items() if v)
         return fields

@@ -1,4 +1,4 @@
-"""The asyncio plugin: objects belong to their event loop and its thread; what is allowed stays silent."""
+"""The asyncio plugin: objects belong to their loop and its thread; what is allowed is silent."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def in_worker(target: Callable[[], Any]) -> dict[str, Any]:
     def run() -> None:
         try:
             outcome["value"] = target()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=run, name="worker")

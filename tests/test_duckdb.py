@@ -276,7 +276,7 @@ class TestReports:
         assert [r["operation"] for r in records] == [
             "fetchall", "project", "agg", "flush", "iter_rows"]
         assert {r["object_type"] for r in records} == {
-            "duckdb._relation.DuckDBPyRelation", "duckdb._relation.GroupedRelation",
+            "duckdb.DuckDBPyRelation", "duckdb._relation.GroupedRelation",
             "duckdb.Appender"}
         assert {r["root_type"] for r in records} == {"duckdb.DuckDBPyConnection"}
 

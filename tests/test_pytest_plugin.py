@@ -1125,8 +1125,64 @@ class TestAsyncio:
         ''')
         result = suite.runpytest_subprocess("--sanitize-threads")
         result.assert_outcomes(passed=2, failed=1)
-        result.stdout.fnmatch_lines(["*_ test_to_thread _*", "*(in task 'Task-*' (test_to_thread()) on event loop L*)",
+        result.stdout.fnmatch_lines(["*_ test_to_thread _*",
+                                     "*(in task 'Task-*' (test_to_thread()) on event loop L*)",
                                      "FAILED *::test_to_thread - thread-affinity violation*"])
+
+
+    def test_a_session_fixtures_object_in_a_function_loop_names_the_fixture(
+            self, suite: pytest.Pytester) -> None:
+        suite.makepyfile(test_loops='''
+            import asyncio
+            import pytest
+            import pytest_asyncio
+
+            @pytest_asyncio.fixture(scope="session", loop_scope="session")
+            async def jobs():
+                return asyncio.Queue()  # made by the fixture
+
+            async def bind(queue):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.sleep(0)
+                queue.put_nowait(1)  # bound to this test's loop
+                await getter
+
+            @pytest.mark.asyncio
+            async def test_first(jobs):
+                await bind(jobs)
+
+            @pytest.mark.asyncio
+            async def test_second(jobs):
+                jobs.put_nowait(2)  # another test's loop
+
+            @pytest.mark.asyncio(loop_scope="session")
+            async def test_in_the_fixtures_loop(jobs):
+                own = asyncio.Queue()
+                await bind(own)
+        ''')
+        result = suite.runpytest_subprocess("--sanitize-threads", "--sanitize-threads-report",
+                                            "report.json", "-p", "no:randomly")
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines([
+            "*_ test_second _*",
+            "*made by pytest fixture 'jobs' (scope 'session', loop_scope 'session')*",
+            "*hint: the asyncio.Queue was made by fixture 'jobs'*'function'-scoped loop*"
+            "loop_scope=\"session\"*",
+            "FAILED *::test_second - thread-affinity violation (loop)*"])
+        (record,) = json.loads((suite.path / "report.json").read_text())["records"]
+        assert record["operation"] == "put_nowait"
+        assert record["access_site"]["line"] == line_of(suite.path / "test_loops.py",
+                                                        "another test's loop")
+        assert record["creation_site"]["line"] == line_of(suite.path / "test_loops.py",
+                                                          "made by the fixture")
+        assert record["owner_loop"]["state"] == "closed"
+        assert record["loop"]["serial"] != record["owner_loop"]["serial"]
+        assert "loop_scope" in record["hint"]
+        # The same under xdist, the file's tests in one worker (in two, each makes its own).
+        result = suite.runpytest_subprocess("--sanitize-threads", "-n", "2", "--dist",
+                                            "loadfile", "-p", "no:randomly")
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(["FAILED *::test_second - thread-affinity violation (loop)*"])
 
 
 # Its first, unsanitized in-process run violates on purpose: if this suite itself

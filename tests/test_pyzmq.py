@@ -30,7 +30,7 @@ from sanitizer import stacks
 from sanitizer.plugin import record_of
 
 HERE = __file__
-SOCKET = "zmq.sugar.socket.Socket"
+SOCKET = "zmq.Socket"
 SECRET = b"secret-payload-42"
 
 

@@ -30,7 +30,7 @@ from sanitizer.ownership import record_of
 
 HERE = __file__
 SESSION = "sqlalchemy.orm.session.Session"
-CONNECTION = "sqlalchemy.engine.base.Connection"
+CONNECTION = "sqlalchemy.Connection"
 
 
 class Base(DeclarativeBase):

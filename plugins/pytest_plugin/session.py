@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sanitizer.plugins.pytest_plugin import MARKER, _say, xdist
+from sanitizer.plugins.pytest_plugin import MARKER, _say, fixtures, xdist
 from sanitizer.plugins.pytest_plugin import render as rendering
 
 if TYPE_CHECKING:
@@ -320,6 +320,9 @@ class _Plugin:
         # tests), and how often each rule matched (origin -> [rule, hits]).
         self._rule_files: dict[str, tuple[Rule, ...]] = {}
         self.rule_hits: dict[str, list[Any]] = {}
+        # Fixtures being set up now (outermost first), and what each phrase in an owner's
+        # context says about its fixture: for the loop_scope hint (fixtures.py).
+        self.fixtures = fixtures.Fixtures()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -348,13 +351,14 @@ class _Plugin:
         self.attach(control.enable(self.runtime_options))
 
     def attach(self, sanitizer: Sanitizer) -> None:
-        from sanitizer import stacks
+        from sanitizer import stacks, threads
 
         if self.sanitizer is not None and self.sanitizer is not sanitizer:
             self.count_rules(self.sanitizer.reporter.rules)  # a test switched it off
         self.sanitizer = sanitizer
         for directory in _pytest_dirs():  # stacks stop at pytest's machinery
             stacks.add_boundary(directory)  # (the sanitizer forgets them when it stops)
+        threads.add_describer(self.fixtures.describe)  # forgotten when it stops, too
         sanitizer.reporter.add(self.on_violation)
 
     def _resume(self) -> None:
@@ -519,6 +523,8 @@ class _Plugin:
         if not admitted:
             occurrence.actions = log
             return occurrence
+        if violation.policy == "loop" and violation.hint is None and run.item is not None:
+            violation.hint = self.fixtures.hint(violation, run.item)
         actions = set(settings.action) - {"log"} | log
         if not (occurrence.first if record is None else record.count == 1):
             actions.discard("warn")  # once per kind and test
@@ -568,6 +574,12 @@ class _Plugin:
     # (about 3.5K instructions): this runs for every test of a suite.
     # (A makereport wrapper would hand over the call, but pluggy's generator
     # protocol costs twice as much as a plain hook.)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any],
+                             request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+        with self.fixtures.setting_up(fixturedef, request.config):
+            return (yield)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
