@@ -56,6 +56,7 @@ from sanitizer.plugin import (
     OwnerRecord,
     Plugin,
     TaskSupport,
+    internal_error,
     record_of,
 )
 
@@ -147,7 +148,10 @@ def _follow_running_loops(asyncio: ModuleType, events: ModuleType, context: Cont
 
     def _set_running_loop(loop: Any) -> None:
         original(loop)
-        context.loop_running(loop)
+        try:
+            context.loop_running(loop)
+        except Exception as exc:  # never break the loop itself
+            context.internal_error(exc, "following the running loop")
 
     context.replace(events, "_set_running_loop", _set_running_loop)
     if getattr(asyncio, "_set_running_loop", None) is original:
@@ -212,12 +216,28 @@ def _keep_signature(func: Any, original: Any) -> Any:
 
 def _off_thread(loop: Any, record: OwnerRecord, callback: Any, args: tuple[Any, ...]) -> bool:
     """A call_soon that may be from the wrong thread: a future completing, or a plain one."""
-    future = args[0] if len(args) == 1 else None
-    if future is not None and _is_future_of(future, loop):
-        task = getattr(callback, "__self__", None)
+    try:
+        completed = _completed_future(loop, args)
+        task = getattr(callback, "__self__", None) if completed is not None else None
         holder = task if _is_task(task) else None
-        return Context.check(future, record, _completion(future), holder, policy=COMPLETED)
+    except Exception as exc:
+        internal_error(exc, "asyncio: call_soon")
+        return False
+    if completed is not None:
+        future, operation = completed
+        return Context.check(future, record, operation, holder, policy=COMPLETED)
     return Context.check(loop, record, "call_soon")
+
+
+def _completed_future(loop: Any, args: tuple[Any, ...]) -> tuple[Any, str] | None:
+    """``(future, how it completed)`` when a done future of ``loop`` schedules its callback
+    (C futures call ``loop.call_soon(callback, future)`` by name), else None."""
+    future = args[0] if len(args) == 1 else None
+    if future is None or not _is_future_of(future, loop) or not future.done():
+        return None
+    if future.cancelled():
+        return future, "cancel"
+    return future, "set_exception" if future.exception() is not None else "set_result"
 
 
 def _is_future_of(obj: Any, loop: Any) -> bool:
@@ -232,12 +252,6 @@ def _is_task(obj: Any) -> bool:
     return isinstance(obj, sys.modules["asyncio"].Task)
 
 
-def _completion(future: Any) -> str:
-    if future.cancelled():
-        return "cancel"
-    return "set_exception" if future.exception() is not None else "set_result"
-
-
 def _patch_binding(mixin: type, context: Context) -> None:
     """Record where and in which task asyncio binds a primitive to its loop."""
     original = mixin._get_loop  # type: ignore[attr-defined]
@@ -246,7 +260,10 @@ def _patch_binding(mixin: type, context: Context) -> None:
         loop = original(self)
         record = getattr(self, "_sanitizer_record", None)
         if record is not None and record.loop is None and record.policy is not None:
-            context.bind(record, loop, here=True)
+            try:
+                context.bind(record, loop, here=True)
+            except Exception as exc:
+                context.internal_error(exc, "binding a primitive to its loop")
         return loop
 
     context.replace(mixin, "_get_loop", _keep_signature(_get_loop, original))

@@ -184,3 +184,34 @@ def unused_rules() -> str:
     """The exit summary's list of suppressions that never matched, if any."""
     summary = "\n".join(sanitizer_running().reporter.exit_summary())
     return summary.partition("suppressions that never matched:")[2]
+
+
+def test_one_connection_across_several_event_loops_is_silent(sanitized: Sanitized) -> None:
+    # aiosqlite keeps no loop: each call resolves the future of the loop awaiting it.
+    async def open_() -> aiosqlite.Connection:
+        db = await aiosqlite.connect(":memory:")
+        await db.execute("create table t(x)")
+        return db
+
+    async def use(db: aiosqlite.Connection, value: int) -> list[Any]:
+        await db.execute("insert into t values (?)", (value,))
+        async with db.execute("select x from t order by x") as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    db = asyncio.run(open_())
+    assert record_of(db._conn) is not None  # the sqlite3 connection its thread owns
+    assert asyncio.run(use(db, 1)) == [1]
+    assert asyncio.run(use(db, 2)) == [1, 2]
+
+    def in_own_loop(value: int) -> list[Any]:
+        return asyncio.run(use(db, value))
+
+    # From threads that each run their own loop, one after another (a handoff).
+    for value in (3, 4):
+        outcome: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda v=value: outcome.update(rows=in_own_loop(v)))
+        thread.start()
+        thread.join(10)
+        assert outcome["rows"][-1] == value
+    asyncio.run(db.close())
+    assert sanitized.records() == []

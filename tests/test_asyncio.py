@@ -457,3 +457,16 @@ class TestOtherLoops:
 def test_the_noblock_option_is_checked(enable: Any) -> None:
     with pytest.raises(sanitizer.ConfigError, match=r"asyncio\.noblock='sometimes'"):
         enable(**{"asyncio.noblock": "sometimes"})
+
+
+def test_call_soon_with_a_pending_future_from_a_thread_is_a_plain_call_soon(
+        sanitized: Sanitized) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pending = loop.create_future()
+        in_worker(lambda: loop.call_soon(print, pending))  # not a completion: no crash
+        loop.call_soon_threadsafe(lambda: None)
+        pending.cancel()
+
+    run(main)
+    assert found() == [("loop", "call_soon")]
