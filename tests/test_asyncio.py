@@ -201,6 +201,39 @@ class TestUnderAnotherLoop:
         assert record["bound_task"]["coroutine"].endswith("hold")
         assert "is bound to event loop L" in record["message"]
 
+    def test_a_module_level_lock_in_a_second_asyncio_run(self, tmp_path: Path) -> None:
+        source = """
+            import asyncio
+
+            LOCK = asyncio.Lock()  # made at import
+
+            async def worker():
+                async with LOCK:  # used here
+                    await asyncio.sleep(0)
+
+            async def main():
+                await asyncio.gather(worker(), worker())
+
+            asyncio.run(main())
+            try:
+                asyncio.run(main())
+            except RuntimeError as exc:
+                print(exc)  # asyncio notices only when the lock is contended
+        """
+        proc, records = run_program(tmp_path, source)
+        assert proc.returncode == 0, proc.stderr
+        assert "is bound to a different event loop" in proc.stdout  # after our report
+        record = records[0]
+        assert (record["policy"], record["object_type"], record["operation"]) == (
+            "loop", "asyncio.Lock", "acquire")
+        assert record["creation_stack"][0]["line"] == line_of(source, "made at import")
+        user = [f for f in record["access_stack"] if f["file"].endswith("app.py")]
+        assert user[0]["line"] == line_of(source, "used here")
+        assert (record["owner_loop"]["serial"], record["owner_loop"]["state"]) == (1, "closed")
+        assert (record["loop"]["serial"], record["loop"]["state"]) == (2, "running")
+        assert record["task"]["coroutine"] == "worker"
+        assert record["bound_task"]["coroutine"] == "worker"
+
     def test_a_queue_of_one_thread_s_loop_used_under_another_thread_s_loop(
             self, sanitized: Sanitized) -> None:
         ready, done = threading.Event(), threading.Event()
