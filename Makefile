@@ -66,6 +66,9 @@ bench-instructions: install
 bench-pytest: install
 	$(PY) benchmarks/bench_pytest.py --instructions
 
+bench-asyncio: install
+	$(PY) benchmarks/bench_asyncio.py --fast
+
 # Django's and SQLAlchemy's own thread tests from their sdists, plain and sanitized:
 # outcomes must not change and every report must be an expected, explained one.
 realworld: realworld-aiosqlite
