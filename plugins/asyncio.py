@@ -43,11 +43,12 @@ driver plugins report: ``network`` (the default: network database drivers),
 from __future__ import annotations
 
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
-from sanitizer.plugin import Check as _Check
 from sanitizer.plugin import (
+    UNTRACKED,
     ConfigError,
     Context,
     EventLoopThread,
@@ -59,6 +60,7 @@ from sanitizer.plugin import (
     internal_error,
     record_of,
 )
+from sanitizer.plugin import Check as _Check
 
 NONE = _Check.NONE
 
@@ -72,32 +74,47 @@ BOUND = LoopBound(THREADSAFE)
 COMPLETED = LoopBound("complete it with loop.call_soon_threadsafe(fut.set_result, value)",
                       after_the_fact=True)
 
-# call_soon is guarded by hand (_guard_call_soon); close() is followed, not checked
-# (CPython refuses to close a running loop itself).
+# Most loop methods that are not thread-safe start with ``self._check_closed()``
+# (call_soon, call_at, call_later, create_task, run_until_complete, run_forever,
+# run_in_executor, add_reader, add_writer, add_signal_handler): the check is compiled
+# into it (_CHECK_CLOSED), so a call costs no frame of ours. These others are guarded.
+# (call_soon_threadsafe calls it too, and is let through by name.)
 LOOP_METHODS: Methods = {name: None for name in (
-    "call_later", "call_at", "create_task", "create_future", "run_until_complete",
-    "run_in_executor", "stop", "set_default_executor", "set_exception_handler",
-    "set_task_factory",
-)}
-# The selector loop's file-descriptor watchers (BaseSelectorEventLoop's own).
-SELECTOR_METHODS: Methods = {name: None for name in (
-    "add_reader", "remove_reader", "add_writer", "remove_writer")}
+    "stop", "set_default_executor", "set_exception_handler", "set_task_factory")}
+SELECTOR_METHODS: Methods = {name: None for name in ("remove_reader", "remove_writer")}
+
+_CHECK_CLOSED = """\
+_g_loop = {self}._sanitizer_record.loop
+if _g_loop is not None and _g_loop.ident != _g_ident():
+    _g_off_loop({self}, {self}._sanitizer_record)
+"""
+# A lock, queue ... asks for its loop when it first waits: asyncio binds it then, and
+# the binding is noted here (where, in which task). Asked for under another loop, it
+# is reported first, before asyncio raises "is bound to a different event loop".
+_GET_LOOP = """\
+_g_record = {self}._sanitizer_record
+if _g_record.policy is not None and (_g_record.loop is None
+                                     or _g_record.loop.ident != _g_ident()):
+    _g_binding({self}, _g_record)
+"""
 
 READS = ("locked", "is_set", "qsize", "empty", "full")
+# Only the entry points are checked: put() and get() go through put_nowait() and
+# get_nowait() (or, when they wait, _get_loop()); task_done() or clear() from another
+# thread wakes nobody wrongly by itself, and one that does is seen as its future completes.
 PRIMITIVES: dict[str, tuple[str, ...]] = {
     "Lock": ("acquire", "release", "locked"),
-    "Event": ("wait", "set", "clear", "is_set"),
-    "Condition": ("acquire", "release", "locked", "wait", "wait_for", "notify", "notify_all"),
+    "Event": ("wait", "set", "is_set"),
+    # (A Condition's acquire, release and locked are its lock's, set on each instance.)
+    "Condition": ("wait", "wait_for", "notify", "notify_all"),
     "Semaphore": ("acquire", "release", "locked"),
     "BoundedSemaphore": ("release",),
     "Barrier": ("wait", "reset", "abort"),
-    "Queue": ("put", "get", "put_nowait", "get_nowait", "task_done", "join", "shutdown",
-              "qsize", "empty", "full"),
+    "Queue": ("put_nowait", "get_nowait", "join", "shutdown", "qsize", "empty", "full"),
 }
 STREAMS: dict[str, tuple[str, ...]] = {
-    "StreamWriter": ("write", "writelines", "write_eof", "close", "drain", "wait_closed",
-                     "start_tls"),
-    "StreamReader": ("read", "readline", "readexactly", "readuntil", "feed_data", "feed_eof"),
+    "StreamWriter": ("write", "writelines", "write_eof", "close", "start_tls"),
+    "StreamReader": ("read", "readline", "readexactly", "readuntil"),
 }
 TRANSPORT_METHODS = ("write", "writelines", "write_eof", "close", "abort", "pause_reading",
                      "resume_reading", "sendto")
@@ -181,7 +198,17 @@ def _patch_loops(base: type, selector: type, context: Context) -> None:
 
     context.patch_class(base, LOOP_THREAD, LOOP_METHODS, make_record=make_record, own_only=True)
     context.patch_class(selector, LOOP_THREAD, SELECTOR_METHODS, own_only=True)
-    context.replace(base, "call_soon", _guard_call_soon(vars(base)["call_soon"], context))
+    names = {"_g_ident": threading.get_ident, "_g_off_loop": _off_loop}
+    if not context.prologue(base, "_check_closed", _CHECK_CLOSED, names):
+        original = vars(base)["_check_closed"]
+
+        def _check_closed(self: Any) -> None:  # the same, a frame dearer
+            loop = self._sanitizer_record.loop
+            if loop is not None and loop.ident != threading.get_ident():
+                _off_loop(self, self._sanitizer_record)
+            original(self)
+
+        context.replace(base, "_check_closed", _check_closed)
 
     def close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         result = wrapped(*args, **kwargs)
@@ -191,53 +218,73 @@ def _patch_loops(base: type, selector: type, context: Context) -> None:
     context.wrap(base, "close", close)
 
 
-def _guard_call_soon(original: Any, context: Context) -> Any:
-    """call_soon, checked by hand: C futures call it by name as they complete."""
-    local = context.local
-
-    def call_soon(self: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
-        record = self._sanitizer_record
-        if record.loop is not local.token.loop and record.loop is not None and _off_thread(
-                self, record, callback, args):
-            with Context.quiet():
-                return original(self, callback, *args, **kwargs)
-        return original(self, callback, *args, **kwargs)
-
-    call_soon.__doc__ = original.__doc__
-    call_soon.__wrapped__ = original  # type: ignore[attr-defined]
-    return _keep_signature(call_soon, original)
-
-
-def _keep_signature(func: Any, original: Any) -> Any:
-    func.__name__ = func.__qualname__ = original.__name__
-    func.__module__ = original.__module__
-    return func
-
-
-def _off_thread(loop: Any, record: OwnerRecord, callback: Any, args: tuple[Any, ...]) -> bool:
-    """A call_soon that may be from the wrong thread: a future completing, or a plain one."""
+def _off_loop(loop: Any, record: OwnerRecord) -> None:
+    """A loop method (its ``_check_closed()``) called where the loop's own thread and
+    loop are not: decide which call it is, and check it."""
     try:
-        completed = _completed_future(loop, args)
-        task = getattr(callback, "__self__", None) if completed is not None else None
-        holder = task if _is_task(task) else None
+        caller = sys._getframe(1)
+        while caller.f_code.co_name == "_check_closed" or _ours(caller):
+            caller = caller.f_back  # type: ignore[assignment]
+        if "threadsafe" in caller.f_code.co_name:
+            return  # call_soon_threadsafe, the way across
+        outer = caller
+        while outer.f_back is not None and _loop_method(outer.f_back, loop):
+            outer = outer.f_back  # call_later -> call_at: the call the user made
+        if outer is not caller and "_check_closed" in outer.f_code.co_names:
+            return  # create_task -> call_soon: the outer call was checked itself
+        completed = _completed_future(loop, caller) if caller.f_code.co_name == "call_soon" \
+            else None
+        if completed is not None and _inside_checked_call(caller, record):
+            return  # queue.put_nowait() waking a getter: that call was checked itself
+        operation = outer.f_code.co_name
     except Exception as exc:
-        internal_error(exc, "asyncio: call_soon")
-        return False
+        internal_error(exc, "asyncio: a loop method")
+        return
     if completed is not None:
-        future, operation = completed
-        return Context.check(future, record, operation, holder, policy=COMPLETED)
-    return Context.check(loop, record, "call_soon")
+        future, how, holder = completed
+        Context.check(future, record, how, holder, policy=COMPLETED)
+    else:
+        Context.check(loop, record, operation)
 
 
-def _completed_future(loop: Any, args: tuple[Any, ...]) -> tuple[Any, str] | None:
-    """``(future, how it completed)`` when a done future of ``loop`` schedules its callback
-    (C futures call ``loop.call_soon(callback, future)`` by name), else None."""
+def _inside_checked_call(frame: Any, record: OwnerRecord) -> bool:
+    """Whether ``frame`` runs inside a checked call on an object of the same loop (the
+    checks keep its record in ``_g_record``): what it does is part of that call."""
+    frame = frame.f_back
+    while frame is not None:
+        checked = frame.f_locals.get("_g_record")
+        if checked is not None and getattr(checked, "loop", None) is record.loop:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _ours(frame: Any) -> bool:
+    return bool(frame.f_code.co_filename == __file__)
+
+
+def _loop_method(frame: Any, loop: Any) -> bool:
+    """Whether ``frame`` runs a public method of ``loop`` on it."""
+    code = frame.f_code
+    return (not code.co_name.startswith("_") and frame.f_locals.get("self") is loop
+            and callable(getattr(type(loop), code.co_name, None)))
+
+
+def _completed_future(loop: Any, call_soon: Any) -> tuple[Any, str, Any] | None:
+    """``(future, how it completed, its waiting task)`` when a done future of ``loop``
+    schedules its callback (C futures call ``loop.call_soon(callback, future)`` by name),
+    else None."""
+    arguments = call_soon.f_locals
+    args, callback = arguments.get("args", ()), arguments.get("callback")
     future = args[0] if len(args) == 1 else None
     if future is None or not _is_future_of(future, loop) or not future.done():
         return None
+    task = getattr(callback, "__self__", None)
+    holder = task if _is_task(task) else None
     if future.cancelled():
-        return future, "cancel"
-    return future, "set_exception" if future.exception() is not None else "set_result"
+        return future, "cancel", holder
+    how = "set_exception" if future.exception() is not None else "set_result"
+    return future, how, holder
 
 
 def _is_future_of(obj: Any, loop: Any) -> bool:
@@ -253,20 +300,33 @@ def _is_task(obj: Any) -> bool:
 
 
 def _patch_binding(mixin: type, context: Context) -> None:
-    """Record where and in which task asyncio binds a primitive to its loop."""
-    original = mixin._get_loop  # type: ignore[attr-defined]
-
-    def _get_loop(self: Any) -> Any:
-        loop = original(self)
-        record = getattr(self, "_sanitizer_record", None)
-        if record is not None and record.loop is None and record.policy is not None:
+    """Note where and in which task asyncio binds a primitive to its loop, and report its
+    use under another loop before asyncio raises."""
+    def binding(obj: Any, record: OwnerRecord) -> None:
+        if record.loop is not None:  # bound: asked for in another thread or loop
+            caller = sys._getframe(2)
+            Context.check(obj, record, caller.f_code.co_name)
+            return
+        loop = context.local.token.running_loop  # what _get_loop() binds it to
+        if loop is not None and getattr(obj, "_loop", None) is None:
             try:
                 context.bind(record, loop, here=True)
             except Exception as exc:
                 context.internal_error(exc, "binding a primitive to its loop")
-        return loop
 
-    context.replace(mixin, "_get_loop", _keep_signature(_get_loop, original))
+    context.replace(mixin, "_sanitizer_record", UNTRACKED)  # for subclasses not tracked
+    names = {"_g_binding": binding, "_g_ident": threading.get_ident}
+    if not context.prologue(mixin, "_get_loop", _GET_LOOP, names):
+        original = vars(mixin)["_get_loop"]
+
+        def _get_loop(self: Any) -> Any:  # the same, a frame dearer
+            record = self._sanitizer_record
+            if record.policy is not None and (record.loop is None
+                                              or record.loop.ident != threading.get_ident()):
+                binding(self, record)
+            return original(self)
+
+        context.replace(mixin, "_get_loop", _get_loop)
 
 
 def _patch_bound(cls: type, methods: Methods, context: Context, *,

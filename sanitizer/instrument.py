@@ -52,7 +52,11 @@ def guards(
         chosen = checked(policy, checks.get(name, Check.POLICY)) if checks else policy
         if original is None or chosen is None:
             continue
-        namespace[name] = chosen.guard(original, name, params, name=name, record=record)
+        # A pure-Python method with its own parameters may get the check compiled in.
+        inlined = (chosen.inlined(original, name)
+                   if params is None and record == RECORD else None)
+        namespace[name] = inlined or chosen.guard(original, name, params, name=name,
+                                                  record=record)
     return namespace
 
 
@@ -122,8 +126,10 @@ def patch_class(
 
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        # Once per instance, however many __init__s of the hierarchy run.
-        if "_sanitizer_record" not in getattr(self, "__dict__", ()):
+        # Once per instance, however many __init__s of the hierarchy run. (Not by
+        # reading self.__dict__: on 3.11+ that turns the instance's inline attribute
+        # values into a dict for good, and every attribute access gets slower.)
+        if object.__getattribute__(self, "_sanitizer_record") is UNTRACKED:
             try:
                 object.__setattr__(self, "_sanitizer_record", make_record(self))
             except AttributeError:  # no __dict__: stays untracked

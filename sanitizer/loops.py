@@ -27,8 +27,8 @@ RUNNING, IDLE, CLOSED = "running", "idle", "closed"
 class LoopToken:
     """One per event loop per process. Compared by identity on the hot path."""
 
-    __slots__ = ("__weakref__", "closed_stack", "creation_stack", "creator", "loop", "serial",
-                 "thread", "type_name")
+    __slots__ = ("__weakref__", "closed_stack", "creation_stack", "creator", "ident", "loop",
+                 "serial", "thread", "type_name")
 
     def __init__(self, loop: object, creation_stack: stacks.Stack) -> None:
         # Serials are never reused, unlike a closed loop's id().
@@ -37,8 +37,9 @@ class LoopToken:
         self.type_name = type(loop).__qualname__
         self.creation_stack = creation_stack
         self.creator = threads.local.token
-        #: The thread running the loop now, or None.
+        #: The thread running the loop now, or None, and its ident (the hot path's test).
         self.thread: threads.ThreadToken | None = None
+        self.ident: int | None = None
         self.closed_stack: stacks.Stack | None = None
 
     @property
@@ -109,10 +110,13 @@ def running(loop: Any | None) -> None:
         token.loop = None
         token.running_loop = None
         if previous is not None and previous.thread is token:
-            previous.thread = None
+            previous.thread = previous.ident = None
         return
     found = token_for(loop)
+    if previous is not None and previous is not found and previous.thread is token:
+        previous.thread = previous.ident = None  # another loop, without a stop between
     found.thread = token
+    found.ident = token.ident
     token.loop = found
     token.running_loop = loop
 
@@ -193,5 +197,5 @@ def renew_after_fork() -> None:
     """In a forked child no loop runs yet, and the parent's threads are gone."""
     STATE.loop_lock = threading.Lock()
     for token in list(STATE.loop_tokens.values()):
-        token.thread = None
+        token.thread = token.ident = None
 

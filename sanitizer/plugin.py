@@ -45,13 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-from sanitizer import instrument, loops, ownership, policies, proxy, stacks, threads
+from sanitizer import inline, instrument, loops, ownership, policies, proxy, stacks, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.loops import LoopToken, TaskSupport
 from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
@@ -242,6 +241,19 @@ class Context:
         """Wrap ``owner.path`` with a wrapt wrapper ``(wrapped, instance, args, kwargs)``."""
         return self.patcher.wrap(owner, path, wrapper)
 
+    def prologue(self, owner: type, name: str, source: str, names: Mapping[str, Any]) -> bool:
+        """Replace ``owner.name``, a pure-Python function, with a copy compiled from its own
+        source that runs ``source`` first (``{self}`` in it: the first parameter; other
+        names it uses: ``names``, each starting with ``_g_``): a check that costs no frame
+        of its own (undone by disable()). False if it cannot be copied faithfully (no
+        source, a closure, a decorator ...): then wrap it instead."""
+        func = vars(owner).get(name)
+        copy = inline.with_prologue(func, source, dict(names)) if func is not None else None
+        if copy is None:
+            return False
+        self.patcher.replace(owner, name, copy)
+        return True
+
     def when_imported(self, module_name: str, installer: Installer) -> None:
         """Also run ``installer(module, self)`` when that module is imported."""
         sanitizer = self._sanitizer
@@ -302,14 +314,13 @@ class Context:
     def attach(obj: object, record: OwnerRecord) -> bool:
         """Give ``obj`` this record (in its slot, or its ``__dict__``); False if it
         cannot hold one."""
-        slot = inspect.getattr_static(type(obj), "_sanitizer_record", None)
-        try:
-            if hasattr(type(slot), "__set__"):  # a tracked subclass's slot
-                object.__setattr__(obj, "_sanitizer_record", record)
-            else:  # not setattr: C types with a __setattr__ of their own refuse it
-                obj.__dict__["_sanitizer_record"] = record
+        try:  # not obj.__dict__ first: on 3.11+ that slows every attribute access after
+            object.__setattr__(obj, "_sanitizer_record", record)
         except (AttributeError, TypeError):
-            return False
+            try:  # C types with a __setattr__ of their own refuse the generic one
+                obj.__dict__["_sanitizer_record"] = record
+            except (AttributeError, TypeError):
+                return False
         return True
 
     # -- tracked classes -----------------------------------------------------------------

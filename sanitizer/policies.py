@@ -16,11 +16,12 @@ import functools
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sanitizer import loops, stacks, threads
+from sanitizer import inline, loops, stacks, threads
 from sanitizer.exceptions import ConfigError
 from sanitizer.ownership import FORKED, OwnerRecord, record_of
 from sanitizer.state import STATE
@@ -90,11 +91,13 @@ return {call}
 # -- event loops (loops.py). ``_g_me.loop`` is the loop running in this thread. --
 
 # The object belongs to the loop it is bound to (``record.loop``; None: unbound,
-# anything goes): used under that loop, it costs one more attribute read than strict.
+# anything goes). Used in the thread running that loop, which is all a correct
+# program does, it costs a get_ident() call: cheaper than reading the thread-local
+# token (``loop.ident`` is the ident of the thread running it, None when idle).
 LOOP = """\
 _g_record = {record}
-_g_me = _g_local.token
-if _g_record.loop is not _g_me.loop and _g_record.loop is not None and _g_slow(
+_g_loop = _g_record.loop
+if _g_loop is not None and _g_loop.ident != _g_ident() and _g_slow(
         self, _g_record, {operation!r}, None):
     {reported}
 return {call}
@@ -104,9 +107,20 @@ return {call}
 # is made (a worker thread may make one for run_coroutine_threadsafe()).
 LOOP_AWAITED = """\
 _g_record = {record}
-if _g_record.loop is not _g_local.token.loop and _g_record.loop is not None:
+_g_loop = _g_record.loop
+if _g_loop is not None and _g_loop.ident != _g_ident():
     return _g_awaited(self, _g_record, {operation!r}, {call})
 return {call}
+"""
+
+# The same as the first statements of a copy of a pure-Python method (inline.py): no
+# frame of its own, so the hottest methods of asyncio cost a few attribute reads. A
+# coroutine's first statements run when it is awaited, as LOOP_AWAITED checks.
+LOOP_PROLOGUE = """\
+_g_record = {self}._sanitizer_record
+_g_loop = _g_record.loop
+if _g_loop is not None and _g_loop.ident != _g_ident():
+    _g_slow({self}, _g_record, _g_operation, None)
 """
 
 # One task at a time inside the object's async operations (spans), nested by the same
@@ -115,7 +129,8 @@ return {call}
 TASK = """\
 _g_record = {record}
 _g_me = _g_local.token
-if _g_record.loop is not _g_me.loop and _g_record.loop is not None and _g_slow(
+_g_loop = _g_record.loop
+if _g_loop is not None and _g_loop is not _g_me.loop and _g_slow(
         self, _g_record, {operation!r}, None):
     {reported}
 _g_task = _g_current_task(_g_me)
@@ -214,6 +229,12 @@ class Policy:
     def template_for(self, func: Callable[..., Any] | None) -> str:
         """The template of the guard of ``func`` (policies may tell coroutines apart)."""
         return self.template
+
+    def inlined(self, func: Callable[..., Any], operation: str) -> FunctionType | None:
+        """A copy of the pure-Python ``func`` with this policy's check as its first
+        statements (inline.py), where the policy has one and ``func`` allows it; else None
+        (a guard then)."""
+        return None
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -471,6 +492,16 @@ class LoopBound(Policy):
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
         return LOOP_AWAITED if inspect.iscoroutinefunction(func) else LOOP
+
+    def inlined(self, func: Callable[..., Any], operation: str) -> FunctionType | None:
+        if type(self).template_for is not LoopBound.template_for:
+            return None  # a subclass with guards of its own (task)
+        copy = inline.with_prologue(func, LOOP_PROLOGUE, {
+            "_g_ident": threading.get_ident, "_g_slow": _slow_path_for(self),
+            "_g_operation": operation})
+        if copy is not None:
+            copy.__sanitizer_policy__ = self  # type: ignore[attr-defined]
+        return copy
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -779,7 +810,8 @@ def compile_guard(
     scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
              "_g_operation": operation, "_g_awaited": _awaited_check_for(policy),
              "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_hush": HUSH,
-             "_g_noblock": STATE.noblock, "_g_blocking": _blocking_check, **namespace}
+             "_g_noblock": STATE.noblock, "_g_blocking": _blocking_check,
+             "_g_ident": threading.get_ident, **namespace}
     exec(_guard_module(template or policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
     # Tracebacks show the code's name: the method's, not the shared source's.

@@ -209,7 +209,8 @@ def test_one_connection_across_several_event_loops_is_silent(sanitized: Sanitize
     # From threads that each run their own loop, one after another (a handoff).
     for value in (3, 4):
         outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda v=value: outcome.update(rows=in_own_loop(v)))
+        thread = threading.Thread(
+            target=lambda v=value, out=outcome: out.update(rows=in_own_loop(v)))
         thread.start()
         thread.join(10)
         assert outcome["rows"][-1] == value
