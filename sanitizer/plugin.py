@@ -449,6 +449,13 @@ class Context:
         STATE.noblock.local = local
 
     @staticmethod
+    def excuse_blocking(excused: Callable[[], bool]) -> None:
+        """``NOBLOCK`` reports nothing while ``excused()`` is true: for a library that
+        checks blocking calls on a loop's thread itself (Django's ``async_unsafe``), beneath
+        the calls its check covers. Asked only when ``NOBLOCK`` would report (cold path)."""
+        STATE.blocking_excuses.append(excused)
+
+    @staticmethod
     def current_task() -> object:
         """The task running now in the calling thread, or None."""
         return loops.current_task()

@@ -15,6 +15,7 @@ import enum
 import functools
 import inspect
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -151,11 +152,23 @@ if _g_task is not None and _g_slow(self, _g_record, {operation!r}, _g_holder):
 return await {call}
 """
 
-# Put before another policy's body: a blocking call while a loop runs in this thread.
+# Put before another policy's body (NoBlock): a blocking call while a loop runs in this
+# thread. Reported, the call goes on quietly (one misuse, one report), but through the
+# policy's own body all the same: its bookkeeping (who is inside, who holds a transaction)
+# must not miss a call. With no loop running it costs one slot read: the token read is
+# the body's own, moved up.
 NOBLOCK = """\
-if _g_local.token.loop is not None and _g_noblock.{kind}:
-    _g_blocking(self, {record}, {operation!r}, None)
+_g_me = _g_local.token
+if _g_me.loop is not None and _g_noblock.{kind} and _g_blocking_{kind}(
+        self, {record}, {operation!r}, None):
+    {hush}
+    try:
+{quiet_body}
+    finally:
+        {unhush}
 """
+# The body's own token read, which NOBLOCK's takes over.
+_READS_TOKEN = re.compile(r"^_g_me = _g_local\.token\n", re.MULTILINE)
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
@@ -163,6 +176,16 @@ _g_record = {record}
 _g_state = _g_policy.enter(self, _g_record, {operation!r})
 try:
     return {call}
+finally:
+    _g_policy.exit(self, _g_record, _g_state)
+"""
+
+# The same for a coroutine method: around the call's run, when awaited, not its creation.
+ENTER_EXIT_AWAITED = """\
+_g_record = {record}
+_g_state = _g_policy.enter(self, _g_record, {operation!r})
+try:
+    return await {call}
 finally:
     _g_policy.exit(self, _g_record, _g_state)
 """
@@ -228,6 +251,8 @@ class Policy:
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
         """The template of the guard of ``func`` (policies may tell coroutines apart)."""
+        if self.template is ENTER_EXIT and inspect.iscoroutinefunction(func):
+            return ENTER_EXIT_AWAITED
         return self.template
 
     def inlined(self, func: Callable[..., Any], operation: str) -> FunctionType | None:
@@ -600,13 +625,18 @@ class NoBlock(Policy):
     """A blocking call (a driver's query) on a thread whose event loop is running.
 
     It stops every task on the loop until it returns. Composed with the object's own
-    policy (``over``); ``kind`` says which setting switches it on (``Blocking``).
+    policy (``over``), whose guards it prefixes; ``kind`` says which setting switches it
+    on (``state.Blocking``). Without a base it is the check itself, which plugins may
+    also ask by hand (``Context.check(obj, record, "connect", policy=NOBLOCK)``).
     """
 
     name = "noblock"
     own_verdict = True
+    KINDS: ClassVar[tuple[str, ...]] = ("network", "local")
 
     def __init__(self, base: Policy | None = None, kind: str = "network") -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"noblock kind {kind!r}: expected one of {self.KINDS}")
         self.base = base
         self.kind = kind
         if base is not None:
@@ -617,31 +647,55 @@ class NoBlock(Policy):
         return _noblocking(base, kind)
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
-        assert self.base is not None
-        return NOBLOCK.replace("{kind}", self.kind) + self.base.template_for(func)
+        if self.base is None:
+            return Policy.template
+        return _noblock_template(self.base.template_for(func), self.kind)
 
     @property
     def template(self) -> str:  # type: ignore[override]
         return self.template_for(None)
 
+    def _decider(self, record: OwnerRecord) -> Policy:
+        """Who decides everything but the blocking check: as slow_path would choose for
+        the base's own guards (the record's policy, unless the base decides itself)."""
+        base = self.base
+        assert base is not None
+        return base if base.own_verdict else (record.policy or base)
+
     def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
         if self.base is None:
             return holder
-        return (record.policy or self.base).holder(record, token, holder)
+        return self._decider(record).holder(record, token, holder)
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
         obj: object = None, operation: str = "",
     ) -> str | None:
-        if self.base is None:  # the check itself (_blocking_check)
-            return "noblock" if token.loop is not None else None
-        return (record.policy or self.base).violated(record, token, holder, obj, operation)
+        if self.base is not None:
+            return self._decider(record).violated(record, token, holder, obj, operation)
+        # The check itself (_g_blocking_*, or a plugin's by hand).
+        if token.loop is None or not getattr(STATE.noblock, self.kind):
+            return None
+        for excused in STATE.blocking_excuses:
+            if excused():  # the library checks this itself, and has reported it
+                return None
+        return "noblock"
+
+    # The base's guards, when it is written as enter/exit (ENTER_EXIT calls _g_policy's).
+    def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
+        assert self.base is not None
+        return self.base.enter(obj, record, operation)
+
+    def exit(self, obj: object, record: OwnerRecord, state: Any) -> None:
+        assert self.base is not None
+        self.base.exit(obj, record, state)
 
     def describe(self, violation: Violation, record: OwnerRecord,
                  token: threads.ThreadToken) -> str:
         if violation.policy != "noblock":
-            return (record.policy or self.base or STRICT_POLICY).describe(
-                violation, record, token)
+            decider = self._decider(record) if self.base is not None else (
+                record.policy or STRICT_POLICY)
+            return decider.describe(violation, record, token)
         loop = token.loop
         where = loop.describe() if loop is not None else "an event loop"
         return (f"{_what(violation)} called {_in_task(violation)}on thread {token.label} "
@@ -650,7 +704,24 @@ class NoBlock(Policy):
                 f"worker thread (noblock policy)")
 
     def __repr__(self) -> str:
-        return f"<policy noblock over {self.base!r}>" if self.base else "<policy noblock>"
+        if self.base is None:
+            return f"<policy noblock ({self.kind})>"
+        return f"<policy noblock ({self.kind}) over {self.base!r}>"
+
+
+@functools.cache
+def _noblock_template(body: str, kind: str) -> str:
+    """NOBLOCK before ``body``: the body once quietly (after a report), once as it is."""
+    body = _READS_TOKEN.sub("", body, count=1)
+    if "await " in body:  # a task's quiet: a thread's would leak into the tasks meanwhile
+        hush, unhush = "_g_hushed = _g_hush.set(True)", "_g_hush.reset(_g_hushed)"
+    else:
+        hush, unhush = "_g_me.quiet += 1", "_g_me.quiet -= 1"
+    # Quiet, the body's slow paths find nothing to report: its report block is never run.
+    quiet = "".join(f"        {line}\n" for line in body.replace("{reported}", "pass")
+                    .splitlines())
+    return NOBLOCK.replace("{kind}", kind).replace("{hush}", hush).replace(
+        "{unhush}", unhush).replace("{quiet_body}\n", quiet) + body
 
 
 @functools.cache
@@ -665,7 +736,9 @@ CONCURRENT_USE = ConcurrentUse()
 LOOP_POLICY = LoopBound()
 EVENT_LOOP_POLICY = EventLoopThread()
 TASK_POLICY = TaskPolicy()
+#: The blocking checks themselves, one per kind (NoBlock.over prefixes guards with them).
 NOBLOCK_POLICY = NoBlock()
+NOBLOCK_LOCAL = NoBlock(kind="local")
 
 
 @functools.cache
@@ -791,8 +864,11 @@ async def checked_when_awaited(deciding: Policy | None, obj: object, record: Own
         HUSH.reset(hushed)
 
 
-def _blocking_check(obj: object, record: OwnerRecord, operation: str, holder: object) -> bool:
-    return slow_path(obj, record, operation, holder, deciding=NOBLOCK_POLICY)
+# What NOBLOCK's prefix calls, by kind: report a blocking call (True: reported).
+_BLOCKING_CHECKS = {
+    "_g_blocking_network": functools.partial(slow_path, deciding=NOBLOCK_POLICY),
+    "_g_blocking_local": functools.partial(slow_path, deciding=NOBLOCK_LOCAL),
+}
 
 
 def compile_guard(
@@ -810,7 +886,7 @@ def compile_guard(
     scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
              "_g_operation": operation, "_g_awaited": _awaited_check_for(policy),
              "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_hush": HUSH,
-             "_g_noblock": STATE.noblock, "_g_blocking": _blocking_check,
+             "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
              "_g_ident": threading.get_ident, **namespace}
     exec(_guard_module(template or policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]

@@ -72,6 +72,8 @@ class State:
         self.tasks: TaskSupport | None = None
         #: Which blocking calls on a running loop's thread are reported (policies.NoBlock).
         self.noblock = Blocking()
+        #: Plugins' "the library checked this blocking call itself" (Context.excuse_blocking).
+        self.blocking_excuses: list[Callable[[], bool]] = []
         #: Per thread: the record that objects recorded now join (Context.deriving).
         self.deriving = threading.local()
         # -- caches of the above, cleared whenever it changes --
@@ -97,7 +99,8 @@ class State:
                 "describers": list(self.describers),
                 "library_prefixes": list(self.library_prefixes),
                 "boundaries": list(self.boundaries), "tasks": self.tasks,
-                "noblock": dataclasses.astuple(self.noblock)}
+                "noblock": dataclasses.astuple(self.noblock),
+                "blocking_excuses": list(self.blocking_excuses)}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Put the configuration back as save() found it."""
@@ -109,6 +112,7 @@ class State:
         self.tasks = saved["tasks"]
         # In place: guards hold the object.
         self.noblock.network, self.noblock.local = saved["noblock"]
+        self.blocking_excuses = saved["blocking_excuses"]
         self.kinds.clear()
         self.library_cache.clear()
 
