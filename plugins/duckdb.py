@@ -24,6 +24,10 @@ and grouped relations are Python classes, patched in place; their guards read
 the record of their connection (``rel._con``). Reports name the database (its
 path or ``:memory:``), never query text (unless ``include_args``) or config.
 
+``noblock`` (kind "local", reported only with ``asyncio.noblock=all``): what runs
+queries or reads files (statements, fetches, transactions, file readers, extensions,
+a relation's fetches and writes) on a thread whose event loop is running.
+
 Not tracked: connections made before ``enable()``, Arrow readers and streams
 (``to_arrow_reader()``, ``__arrow_c_stream__``: pyarrow's objects, read later),
 calls through the private ``_duckdb`` module, and DuckDB 1 (pybind11 refuses the
@@ -45,12 +49,14 @@ from typing import Any
 
 from sanitizer.plugin import (
     EXCLUSIVE,
+    NOBLOCK,
     UNTRACKED,
     Check,
     Context,
     Methods,
     OwnerRecord,
     Plugin,
+    Policy,
     internal_error,
     new_record,
 )
@@ -105,6 +111,28 @@ APPENDER_CHECKS: dict[str, Check] = {"flush": POLICY, "__exit__": POLICY, "appen
 MODULE_ONLY = ("project", "distinct", "write_csv", "aggregate", "alias", "filter", "limit",
                "order", "query_df", "arrow")
 
+# What runs queries or reads files (noblock, "local": reported only with asyncio.noblock=all,
+# DuckDB works in-process): statements, fetches, transactions, file readers, extensions, and
+# what a relation runs. Not building or binding relations, registrations or type names.
+CONNECTION_BLOCKING = frozenset({
+    "execute", "executemany", "fetchone", "fetchmany", "fetchall", "fetchnumpy", "fetchdf",
+    "fetch_df", "df", "fetch_df_chunk", "tf", "torch", "to_arrow_table", "to_arrow_reader",
+    "begin", "commit", "rollback", "checkpoint", "sql", "query", "read_csv", "from_csv_auto",
+    "read_json", "read_parquet", "from_parquet", "install_extension", "load_extension",
+    "append", "write_csv", "query_df", "arrow"})
+RELATION_BLOCKING = frozenset({
+    "fetchone", "fetchmany", "fetchall", "fetchdf", "fetchnumpy", "fetch_arrow_reader",
+    "fetch_arrow_table", "fetch_record_batch", "df", "to_df", "to_dicts", "arrow", "pl", "tf",
+    "torch", "to_arrow_table", "to_arrow_reader", "execute", "show", "write_csv", "to_csv",
+    "write_parquet", "to_parquet", "create", "to_table", "insert", "insert_into", "update",
+    "materialize", "iter_rows"})
+
+
+def blocking(policy: Policy, name: str, names: frozenset[str]) -> Policy:
+    """The policy of ``name``'s guard: ``policy``, and NOBLOCK's check if it runs queries."""
+    return NOBLOCK.over(policy, "local") if name in names else policy
+
+
 # Exact parameter lists where a call is hot (else the method's own, or *args, **kwargs).
 SIGNATURES: dict[str, str] = {
     "execute": "query, parameters=None", "executemany": "query, parameters=None",
@@ -152,13 +180,14 @@ def _database(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return text.partition("?")[0] or ":memory:"
 
 
-def _guarded(check: Check, member: Any, name: str, params: str | None, record_from: str
-             ) -> Any:
+def _guarded(check: Check, member: Any, name: str, params: str | None, record_from: str,
+             waits: frozenset[str] = frozenset()) -> Any:
     """``member`` (a method, or a property's getter) guarded as ``check`` says (None: not
-    checked), reading the record of ``self.<record_from>``."""
+    checked), reading the record of ``self.<record_from>``; NOBLOCK too if in ``waits``."""
     policy = check.under(EXCLUSIVE)
     if policy is None:
         return None
+    policy = blocking(policy, name, waits)
     is_property = isinstance(member, property)
     func = member.fget if is_property else member
     python = isinstance(func, types.FunctionType)
@@ -211,8 +240,14 @@ def connection_class(stock: type, appender: type) -> type:
             member = new_appender(member)
         elif not isinstance(member, property | types.FunctionType):
             continue  # a C method: in the table below
-        extra[name] = _guarded(check, member, name, None, OWN_CLASS) or member
+        extra[name] = _guarded(check, member, name, None, OWN_CLASS,
+                               CONNECTION_BLOCKING) or member
     # The C methods: exact parameter lists where a call is hot.
+    for name in CONNECTION_BLOCKING - extra.keys():
+        method = getattr(stock, name, None)
+        if method is not None and CONNECTION_CHECKS.get(name) is POLICY:
+            extra[name] = Context.guard(NOBLOCK.over(EXCLUSIVE, "local"), method, name,
+                                        SIGNATURES.get(name), record_from=OWN_CLASS)
     table: Methods = {name: (SIGNATURES.get(name), check)
                       for name, check in CONNECTION_CHECKS.items() if name not in extra}
     cell.append(Context.subclass(stock, EXCLUSIVE, table, extra=extra, record_from=OWN_CLASS))
@@ -221,8 +256,9 @@ def connection_class(stock: type, appender: type) -> type:
 
 def _iter_rows(method: Any) -> Callable[..., Iterator[Any]]:
     """iter_rows() is a generator: its query runs at the first batch, checked then."""
-    first = Context.guard(EXCLUSIVE, lambda _self, rows: next(rows, _DONE), "iter_rows",
-                          "rows", record_from="_con")
+    first = Context.guard(blocking(EXCLUSIVE, "iter_rows", RELATION_BLOCKING),
+                          lambda _self, rows: next(rows, _DONE), "iter_rows", "rows",
+                          record_from="_con")
 
     @functools.wraps(method)
     def iter_rows(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -245,7 +281,7 @@ def _install_relations(relation: type, grouped: type | None, context: Context) -
             continue
         guard = (_iter_rows(member) if name == "iter_rows" else
                  _guarded(RELATION_CHECKS.get(name, POLICY), member, name,
-                          RELATION_SIGNATURES.get(name), "_con"))
+                          RELATION_SIGNATURES.get(name), "_con", RELATION_BLOCKING))
         if guard is not None:
             context.replace(relation, name, guard)
     for name, check in GROUPED_CHECKS.items() if grouped is not None else ():
@@ -286,7 +322,8 @@ def install(duckdb: ModuleType, context: Context) -> None:
         return con
 
     def module_function(name: str, function: Any) -> Callable[..., Any]:
-        guard = EXCLUSIVE.call_guard(name)  # (connection, function, *args, **kwargs)
+        # (connection, function, *args, **kwargs)
+        guard = blocking(EXCLUSIVE, name, CONNECTION_BLOCKING).call_guard(name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return guard(default(kwargs.get("connection", kwargs.get("conn"))), function,

@@ -12,6 +12,13 @@ sqlite3 raises its own ProgrammingError; ``exclusive`` with
 ``check_same_thread=False``. Both report use in a child after ``fork()``. The
 tables below say how each operation is checked under that policy, following
 what CPython's sqlite3 itself allows from another thread.
+
+``noblock`` (kind "local"): statements, fetches (they step the statement),
+commits, rollbacks and ``backup()`` on a thread whose event loop is running are
+reported only with ``asyncio.noblock=all``: an in-memory database in async code is
+common and harmless, so the default leaves sqlite3 alone. With no loop running the
+check costs one attribute read per call. Not checked for it: settings,
+``cursor()``, ``close()`` and blobs.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 from sanitizer.plugin import (
     EXCLUSIVE,
     INTERNAL_DIRS,
+    NOBLOCK,
     STRICT,
     Check,
     Context,
@@ -86,6 +94,20 @@ BLOB_CHECKS: dict[str, Check] = {
     "__len__": POLICY,
 }
 
+# What runs the database (noblock, "local": reported only with asyncio.noblock=all, since
+# an in-memory database in async code is common and harmless): statements, fetches (they
+# step the statement), transactions, backup. Not settings, cursor(), close(), or blobs.
+CONNECTION_BLOCKING = frozenset({"execute", "executemany", "executescript", "commit",
+                                 "rollback", "__exit__", "backup"})
+CURSOR_BLOCKING = frozenset({"execute", "executemany", "executescript", "fetchone",
+                             "fetchmany", "fetchall", "__next__"})
+
+
+def blocking(policy: Policy, name: str, names: frozenset[str]) -> Policy:
+    """The policy of ``name``'s guard: ``policy``, and NOBLOCK's check if it runs the database."""
+    return NOBLOCK.over(policy, "local") if name in names else policy
+
+
 # Exact parameter lists where a call is hot (else the method's own, or *args, **kwargs).
 SIGNATURES: dict[str, str] = {
     "close": "", "commit": "", "rollback": "", "__exit__": "exc_type, exc_value, traceback, /",
@@ -109,10 +131,17 @@ def cursor_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     # A factory's own overrides keep their defaults: Django's execute(query, params=None)
     # treats None and () differently ("SELECT '%s'" would otherwise become "SELECT '?'").
     stock = sqlite3.Cursor
-    table: Methods = {
-        name: (SIGNATURES.get(name) if getattr(base, name, None) is getattr(stock, name, None)
-               else None, check) for name, check in CURSOR_CHECKS.items()}
-    return Context.subclass(base, policy, table, record_from="connection")
+
+    def params(name: str) -> str | None:
+        return SIGNATURES.get(name) if getattr(base, name, None) is getattr(
+            stock, name, None) else None
+
+    table: Methods = {name: (params(name), check) for name, check in CURSOR_CHECKS.items()
+                      if name not in CURSOR_BLOCKING}
+    extra = {name: Context.guard(blocking(policy, name, CURSOR_BLOCKING), getattr(base, name),
+                                 name, params(name), record_from="connection")
+             for name in CURSOR_BLOCKING if hasattr(base, name)}
+    return Context.subclass(base, policy, table, extra=extra, record_from="connection")
 
 
 def _attribute(descriptor: Any, name: str, policy: Policy, read: Check, write: Check | None
@@ -192,6 +221,7 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     for name, (params, call) in expressions.items():
         guard = CONNECTION_CHECKS[name].under(policy)
         assert guard is not None
+        guard = blocking(guard, name, CONNECTION_BLOCKING)
         if getattr(base, name) is stock.__dict__[name]:
             extra[name] = guard.guard_expression(call, name, params, scope,
                                                  wrapped=stock.__dict__[name])
@@ -200,13 +230,16 @@ def connection_class(sqlite3: ModuleType, base: Any, policy: Policy) -> type:
     for name, func in (("blobopen", blobopen), ("backup", backup)):
         guard = CONNECTION_CHECKS[name].under(policy)
         if hasattr(base, name) and guard is not None:
-            extra[name] = guard.guard(func, name, name=name)
+            extra[name] = blocking(guard, name, CONNECTION_BLOCKING).guard(func, name, name=name)
     for name, (read, write) in CONNECTION_ATTRIBUTES.items():
         descriptor = inspect.getattr_static(base, name, None)
         attribute = (_attribute(descriptor, name, policy, read, write)
                      if descriptor is not None else None)
         if attribute is not None:
             extra[name] = attribute
+    waits = [name for name in CONNECTION_BLOCKING if name not in extra]
+    extra.update(Context.guards(base, NOBLOCK.over(policy, "local"),
+                                methods(CONNECTION_CHECKS, waits)))
     plain = [name for name in CONNECTION_CHECKS if name not in extra]
     return Context.subclass(base, policy, methods(CONNECTION_CHECKS, plain), extra=extra)
 
