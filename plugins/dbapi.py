@@ -15,6 +15,19 @@ Policies follow each driver's PEP 249 ``threadsafety``:
   INSERT is seen too); commit, rollback and close clear it. Cursors get their
   own ``exclusive`` record, which reports their connection's creation site.
 
+Calls that wait on the server are also ``noblock``: made on a thread whose
+event loop is running (inside ``async def``), they stop every task on the loop
+until they return. Reported (unless ``asyncio.noblock=off``): ``connect()``
+itself, before it blocks (the commonest case), statements, commits and
+rollbacks, the other calls that send a command, and fetches from server-side
+cursors (psycopg2's named cursors, psycopg's ServerCursor, the MySQL drivers'
+SSCursor); not attribute reads, closing, or fetches from client-side cursors,
+whose rows came with ``execute()``. Each is reported once, at the user's line;
+what the call runs beneath it stays quiet, but its bookkeeping (the transaction
+holder) goes on. Calls from ``asyncio.to_thread``, executors and asgiref's
+``sync_to_async`` run on worker threads, and are not reported; neither is Django's
+own database work, which its ``async_unsafe`` check covers (plugins/django.py).
+
 Every connection also reports use in a child after ``fork()``, closing
 included: unlike an inherited sqlite3 connection, closing a connection to a
 server in the child sends the protocol's terminate message over the socket the
@@ -30,7 +43,10 @@ their transactions are inferred (a statement outside ``autocommit`` opens one).
 
 Not tracked: connections from factories that are not classes (a function
 passed as psycopg2's ``connection_factory``), psycopg's AsyncConnection, and
-connections made before ``enable()``.
+connections made before ``enable()``. Drivers named in ``dbapi.drivers`` are not
+checked for ``noblock`` (whether they wait on a server is not known); neither
+are psycopg's generator methods (``stream()``, ``notifies()``, ``copy()``:
+calling one does not block; iterating it does, unseen).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from typing import Any, cast
 from sanitizer.plugin import (
     EXCLUSIVE,
     FORKED,
+    NOBLOCK,
     OWN,
     PROCESS,
     UNTRACKED,
@@ -258,6 +275,54 @@ class StatementPolicy(Policy):
 TRANSACTION_POLICY = TransactionPolicy()
 
 
+# -- blocking calls on a loop's thread (noblock) -----------------------------------------
+
+# Operations that wait on the server are checked by NOBLOCK too: a call on a thread whose
+# event loop is running stops every task on it. Not what answers from the client's own
+# memory: attribute reads, fetches from client-side cursors (their rows came with
+# execute()), closing.
+
+
+def blocking(policy: Policy) -> Policy:
+    """``policy``'s guards, also reporting a call made while an event loop runs here."""
+    return NOBLOCK.over(policy, "network")
+
+
+def split_blocking(methods: Methods, names: frozenset[str]) -> tuple[Methods, Methods]:
+    """A method table as (the ones that wait on the server, the others)."""
+    return ({k: v for k, v in methods.items() if k in names},
+            {k: v for k, v in methods.items() if k not in names})
+
+
+def connect_reported(obj: object, record: OwnerRecord) -> bool:
+    """Report connecting, the commonest blocking call, before it blocks (a loop runs in this
+    thread); True: reported (connect quietly, so that what it runs is not reported again)."""
+    if Context.local.token.loop is None or record.policy is None:
+        return False
+    return Context.check(obj, record, "connect", policy=NOBLOCK)
+
+
+class Opening:
+    """Stands for the connection that a classmethod connect() is about to make, in the
+    report of that connect (the object itself is made only once connected)."""
+
+    __slots__ = ("__weakref__",)
+
+
+@functools.cache
+def _opening(cls: type) -> type:
+    return type(cls.__name__, (Opening,), {"__slots__": (), "__sanitizer_public_type__":
+                                           getattr(cls, "__sanitizer_public_type__", cls)})
+
+
+def class_connect_reported(cls: type, policy: Policy) -> bool:
+    """``connect_reported`` for a classmethod connect(), before the connection exists."""
+    if Context.local.token.loop is None:
+        return False
+    opening = _opening(cls)()
+    return connect_reported(opening, new_record(opening, policy))
+
+
 # -- records ----------------------------------------------------------------------------
 
 
@@ -286,14 +351,19 @@ def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> N
         internal_error(exc, "dbapi: reading the connection's host/port/database")
 
 
-def _libpq_init(base: type, policy: Policy, driver: str) -> Any:
+def _libpq_init(base: type, policy: Policy, driver: str, *, connects: bool = False) -> Any:
     """``__init__`` of a tracked psycopg2/psycopg connection: record first, then the
-    resource from libpq's ``conn.info`` once connected."""
+    resource from libpq's ``conn.info`` once connected. ``connects``: this ``__init__``
+    opens the connection (psycopg2's; psycopg's classmethod connect() has already)."""
     base_init = base.__init__  # type: ignore[misc]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         record = self._sanitizer_record = new_record(self, policy)
-        base_init(self, *args, **kwargs)
+        if connects and connect_reported(self, record):
+            with Context.quiet():
+                base_init(self, *args, **kwargs)
+        else:
+            base_init(self, *args, **kwargs)
         _fill_resource(record, lambda: _resource(
             driver, self.info.host, self.info.port, self.info.dbname))
 
@@ -322,10 +392,19 @@ PSYCOPG2_CURSOR_METHODS: Methods = {
     "nextset": "", "__enter__": "", "__exit__": "exc_type, exc_value, traceback, /",
     "__iter__": "", "__next__": "",
 }
+# What waits on the server (noblock): statements, transaction ends, and these; fetches
+# only from named (server-side) cursors.
+PSYCOPG2_BLOCKING = frozenset({
+    "commit", "rollback", "reset", "__exit__", "tpc_begin", "tpc_prepare", "tpc_commit",
+    "tpc_rollback", "tpc_recover", "set_client_encoding", "lobject",
+})
+SERVER_SIDE_FETCHES = frozenset({"fetchone", "fetchmany", "fetchall", "scroll", "__next__"})
 
 
 @functools.cache
-def _psycopg2_cursor_class(psycopg2: ModuleType, base: type) -> type:
+def _psycopg2_cursor_class(psycopg2: ModuleType, base: type, named: bool = False) -> type:
+    """Tracked subclass of a cursor factory; ``named``: for server-side cursors, whose
+    fetches wait on the server."""
     policy = _psycopg2_policies(psycopg2)[1]
     base_init = base.__init__  # type: ignore[misc]
 
@@ -333,8 +412,11 @@ def _psycopg2_cursor_class(psycopg2: ModuleType, base: type) -> type:
         self._sanitizer_record = _cursor_record(self, connection)
         base_init(self, connection, *args, **kwargs)
 
-    extra = {"__init__": __init__, **Context.guards(base, policy, PSYCOPG2_STATEMENTS)}
-    return Context.subclass(base, EXCLUSIVE, PSYCOPG2_CURSOR_METHODS, extra=extra)
+    fetches, others = split_blocking(PSYCOPG2_CURSOR_METHODS,
+                                     SERVER_SIDE_FETCHES if named else frozenset())
+    extra = {"__init__": __init__, **Context.guards(base, blocking(policy), PSYCOPG2_STATEMENTS),
+             **Context.guards(base, blocking(EXCLUSIVE), fetches)}
+    return Context.subclass(base, EXCLUSIVE, others, extra=extra)
 
 
 @functools.cache
@@ -358,7 +440,8 @@ def _psycopg2_hook(psycopg2: ModuleType) -> type:
         factory = args[1] if positional else kwargs.get("cursor_factory")
         factory = factory or self.cursor_factory or stock_cursor_type
         if Context.can_subclass(factory, stock_cursor_type):
-            factory = _psycopg2_cursor_class(psycopg2, factory)
+            named = (args[0] if args else kwargs.get("name")) is not None
+            factory = _psycopg2_cursor_class(psycopg2, factory, named)
         if positional:
             args = (args[0], factory, *args[2:])
         else:
@@ -381,9 +464,13 @@ def _psycopg2_connection_class(psycopg2: ModuleType, base: type) -> type:
         base.__name__, (base, hook), {"__slots__": (), "__module__": base.__module__,
                                       "__qualname__": base.__qualname__,
                                       "__sanitizer_public_type__": base})
-    extra = {"__init__": _libpq_init(base, transaction, "psycopg2"),
-             **Context.guards(hooked, transaction, PSYCOPG2_TRANSACTION_METHODS)}
-    return Context.subclass(hooked, PROCESS, PSYCOPG2_OTHER_METHODS, extra=extra)
+    waits, ends = split_blocking(PSYCOPG2_TRANSACTION_METHODS, PSYCOPG2_BLOCKING)
+    other_waits, others = split_blocking(PSYCOPG2_OTHER_METHODS, PSYCOPG2_BLOCKING)
+    extra = {"__init__": _libpq_init(base, transaction, "psycopg2", connects=True),
+             **Context.guards(hooked, blocking(transaction), waits),
+             **Context.guards(hooked, transaction, ends),
+             **Context.guards(hooked, blocking(PROCESS), other_waits)}
+    return Context.subclass(hooked, PROCESS, others, extra=extra)
 
 
 def install_psycopg2(psycopg2: ModuleType, context: Context) -> None:
@@ -429,6 +516,13 @@ PSYCOPG_CURSOR_METHODS: Methods = {
     "nextset": "", "results": "", "stream": OWN, "__enter__": "",
     "__exit__": "exc_type, exc_val, exc_tb", "__iter__": "",
 }
+# What waits on the server (noblock), besides statements; fetches only from ServerCursors.
+# Not generator functions (stream, results, notifies, copy): calling one does not block.
+PSYCOPG_BLOCKING = frozenset({
+    "commit", "rollback", "__exit__", "execute", "tpc_begin", "tpc_prepare", "tpc_commit",
+    "tpc_rollback", "tpc_recover",
+})
+PSYCOPG_STATEMENT_BLOCKING = frozenset({"execute", "executemany"})
 
 
 _psycopg_status = operator.attrgetter("pgconn.transaction_status")
@@ -438,25 +532,32 @@ _PSYCOPG_STATEMENT = StatementPolicy(_psycopg_status, operator.attrgetter("_conn
 
 
 @functools.cache
-def _psycopg_cursor_class(base: Any) -> type:
+def _psycopg_cursor_class(base: Any, server: bool = False) -> type:
+    """Tracked subclass of a cursor factory; ``server``: a ServerCursor, whose fetches
+    wait on the server."""
     base_init = base.__init__
 
     def __init__(self: Any, connection: Any, *args: Any, **kwargs: Any) -> None:
         self._sanitizer_record = _cursor_record(self, connection)
         base_init(self, connection, *args, **kwargs)
 
+    statements, copies = split_blocking(PSYCOPG_STATEMENTS, PSYCOPG_STATEMENT_BLOCKING)
+    fetches, others = split_blocking(PSYCOPG_CURSOR_METHODS,
+                                     SERVER_SIDE_FETCHES if server else frozenset())
     extra = {"__init__": __init__,
-             **Context.guards(base, _PSYCOPG_STATEMENT, PSYCOPG_STATEMENTS)}
-    return Context.subclass(base, EXCLUSIVE, PSYCOPG_CURSOR_METHODS, extra=extra)
+             **Context.guards(base, blocking(_PSYCOPG_STATEMENT), statements),
+             **Context.guards(base, _PSYCOPG_STATEMENT, copies),
+             **Context.guards(base, blocking(EXCLUSIVE), fetches)}
+    return Context.subclass(base, EXCLUSIVE, others, extra=extra)
 
 
-def _tracked_factory(name: str, cursor_base: type) -> property:
+def _tracked_factory(name: str, cursor_base: type, server: bool = False) -> property:
     """``cursor_factory`` that hands out tracked subclasses of whatever class is set."""
 
     def get(self: Any) -> Any:
         factory = self.__dict__.get(name)
         if Context.can_subclass(factory, cursor_base):
-            return _psycopg_cursor_class(cast(Any, factory))
+            return _psycopg_cursor_class(cast(Any, factory), server)
         return factory
 
     def set_(self: Any, value: Any) -> None:
@@ -467,13 +568,18 @@ def _tracked_factory(name: str, cursor_base: type) -> property:
 
 @functools.cache
 def _psycopg_connection_class(psycopg: ModuleType, base: type) -> type:
+    waits, ends = split_blocking(PSYCOPG_TRANSACTION_METHODS, PSYCOPG_BLOCKING)
+    other_waits, others = split_blocking(PSYCOPG_OTHER_METHODS, PSYCOPG_BLOCKING)
     extra: dict[str, Any] = {
         "__init__": _libpq_init(base, _PSYCOPG_TRANSACTION, "psycopg"),
         "cursor_factory": _tracked_factory("cursor_factory", psycopg.Cursor),
-        "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.Cursor),
-        **Context.guards(base, _PSYCOPG_TRANSACTION, PSYCOPG_TRANSACTION_METHODS),
+        "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.Cursor,
+                                                  server=True),
+        **Context.guards(base, blocking(_PSYCOPG_TRANSACTION), waits),
+        **Context.guards(base, _PSYCOPG_TRANSACTION, ends),
+        **Context.guards(base, blocking(PROCESS), other_waits),
     }
-    return Context.subclass(base, PROCESS, PSYCOPG_OTHER_METHODS, extra=extra)
+    return Context.subclass(base, PROCESS, others, extra=extra)
 
 
 def install_psycopg(psycopg: ModuleType, context: Context) -> None:
@@ -489,6 +595,9 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
             except Exception as exc:
                 context.internal_error(exc, "psycopg.Connection.connect")
             else:
+                if class_connect_reported(cls, _PSYCOPG_TRANSACTION):
+                    with Context.quiet():
+                        return tracked.connect(*args, **kwargs)
                 return tracked.connect(*args, **kwargs)
         return wrapped(*args, **kwargs)
 
@@ -502,10 +611,17 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
 
 def _patch_in_place(context: Context, cls: type, methods: Methods,
                     init: Callable[[Callable[..., None]], Callable[..., None]] | None = None,
-                    *, own_only: bool = True) -> None:
-    """Guard ``cls``'s methods (those it defines itself, if ``own_only``) with EXCLUSIVE;
-    ``init`` wraps its ``__init__`` (to give instances their records)."""
-    context.patch_class(cls, EXCLUSIVE, methods, own_only=own_only)
+                    *, own_only: bool = True, waits: frozenset[str] = frozenset()) -> None:
+    """Guard ``cls``'s methods (those it defines itself, if ``own_only``) with EXCLUSIVE,
+    those in ``waits`` also with NOBLOCK; ``init`` wraps its ``__init__`` (to give instances
+    their records)."""
+    blocking_methods, others = split_blocking(methods, waits)
+    context.patch_class(cls, EXCLUSIVE, others, own_only=own_only)
+    for name, params in blocking_methods.items():
+        original = vars(cls).get(name) if own_only else getattr(cls, name, None)
+        if original is not None:
+            context.replace(cls, name, Context.guard(blocking(EXCLUSIVE), original, name,
+                                                     cast(Any, params)))
     if init is not None:
         original = cls.__init__  # type: ignore[misc]
         context.replace(cls, "__init__", functools.wraps(original)(init(original)))
@@ -522,8 +638,9 @@ def _share_connection_record(original: Callable[..., None]) -> Callable[..., Non
     return __init__
 
 
-def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], dict[str, Any]]
-                     ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], dict[str, Any]],
+                     *, connects: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``connects``: ``__init__`` connects in C (MySQLdb; PyMySQL's connect() is guarded)."""
     def make(original: Callable[..., None]) -> Callable[..., None]:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             if "_sanitizer_record" in self.__dict__:  # a subclass's __init__ ran ours already
@@ -533,14 +650,18 @@ def _connection_init(resource: Callable[[Any, tuple[Any, ...], dict[str, Any]], 
             record = new_record(self, DRIVER_EXCLUSIVE)
             if record.policy is not None:
                 Context.attach(self, record)
-            original(self, *args, **kwargs)
+            if connects and connect_reported(self, record):
+                with Context.quiet():
+                    original(self, *args, **kwargs)
+            else:
+                original(self, *args, **kwargs)
             _fill_resource(record, lambda: resource(self, args, kwargs))
         return __init__
     return make
 
 
 PYMYSQL_CONNECTION_METHODS: Methods = {
-    "close": "", "commit": "", "rollback": "", "begin": "", "query": OWN,
+    "connect": "sock=None", "close": "", "commit": "", "rollback": "", "begin": "", "query": OWN,
     "next_result": OWN, "ping": OWN, "select_db": "db", "set_charset": "charset",
     "set_character_set": OWN, "show_warnings": "", "autocommit": "value", "kill": "thread_id",
     "affected_rows": "", "insert_id": "", "__enter__": "", "__exit__": "*exc_info",
@@ -551,6 +672,14 @@ PYMYSQL_CURSOR_METHODS: Methods = {
     "read_next": "", "scroll": OWN, "close": "", "nextset": "", "__enter__": "",
     "__exit__": "*exc_info", "__iter__": "", "__next__": "",
 }
+# What waits on the server (noblock). nextset() reads only if more results are pending,
+# through next_result(); fetches wait only on an unbuffered SSCursor.
+PYMYSQL_BLOCKING = frozenset({
+    "connect", "commit", "rollback", "begin", "query", "next_result", "ping", "select_db",
+    "set_charset", "set_character_set", "show_warnings", "autocommit", "kill", "execute",
+    "executemany", "callproc",
+})
+UNBUFFERED_FETCHES = frozenset({"fetchone", "fetchmany", "fetchall", "read_next", "scroll"})
 
 
 def install_pymysql(pymysql: ModuleType, context: Context) -> None:
@@ -560,9 +689,11 @@ def install_pymysql(pymysql: ModuleType, context: Context) -> None:
         return _resource("pymysql", conn.host, conn.port, conn.db)
 
     _patch_in_place(context, connections.Connection, PYMYSQL_CONNECTION_METHODS,
-                    _connection_init(resource))
-    _patch_in_place(context, cursors.Cursor, PYMYSQL_CURSOR_METHODS, _share_connection_record)
-    _patch_in_place(context, cursors.SSCursor, PYMYSQL_CURSOR_METHODS)
+                    _connection_init(resource, connects=False), waits=PYMYSQL_BLOCKING)
+    _patch_in_place(context, cursors.Cursor, PYMYSQL_CURSOR_METHODS, _share_connection_record,
+                    waits=PYMYSQL_BLOCKING)
+    _patch_in_place(context, cursors.SSCursor, PYMYSQL_CURSOR_METHODS,
+                    waits=PYMYSQL_BLOCKING | UNBUFFERED_FETCHES)
 
 
 MYSQLDB_CONNECTION_METHODS: Methods = {
@@ -578,6 +709,14 @@ MYSQLDB_CURSOR_METHODS: Methods = {
     "fetchone": "", "fetchmany": "size=None", "fetchall": "", "scroll": OWN, "close": "",
     "nextset": "", "__enter__": "", "__exit__": "*exc_info", "__iter__": "", "__next__": "",
 }
+# What waits on the server (noblock). Not next_result(): libmysqlclient answers it from
+# memory when no more results are pending, as after every close(); store_result() reads
+# them. Fetches wait only on an unbuffered (use_result) cursor.
+MYSQLDB_BLOCKING = frozenset({
+    "commit", "rollback", "begin", "query", "store_result", "ping", "select_db",
+    "set_character_set", "set_sql_mode", "set_server_option", "show_warnings", "autocommit",
+    "kill", "change_user", "shutdown", "execute", "executemany", "callproc",
+})
 
 
 def install_mysqldb(connections: ModuleType, context: Context) -> None:
@@ -594,12 +733,14 @@ def install_mysqldb(connections: ModuleType, context: Context) -> None:
 
     # The C base defines most methods: guard them all on the Python class.
     _patch_in_place(context, connections.Connection, MYSQLDB_CONNECTION_METHODS,
-                    _connection_init(resource), own_only=False)
+                    _connection_init(resource, connects=True), own_only=False,
+                    waits=MYSQLDB_BLOCKING)
     cursors = connections.cursors
     _patch_in_place(context, cursors.BaseCursor, MYSQLDB_CURSOR_METHODS,
-                    _share_connection_record)
+                    _share_connection_record, waits=MYSQLDB_BLOCKING)
     _patch_in_place(context, cursors.CursorStoreResultMixIn, MYSQLDB_CURSOR_METHODS)
-    _patch_in_place(context, cursors.CursorUseResultMixIn, MYSQLDB_CURSOR_METHODS)
+    _patch_in_place(context, cursors.CursorUseResultMixIn, MYSQLDB_CURSOR_METHODS,
+                    waits=UNBUFFERED_FETCHES)
 
 
 # -- any other driver, by name: proxies --------------------------------------------------

@@ -25,6 +25,15 @@ exited (cleanup, like GC). Sharing counted with ``inc_thread_sharing`` is allowe
 work; that name is replaced in ``django.utils.asyncio`` (so methods decorated
 before the sanitizer started are covered too) to report database work on a
 thread whose event loop is running, even when DJANGO_ALLOW_ASYNC_UNSAFE is set.
+
+One misuse, one report: the driver calls beneath Django's database work (under an
+``async_unsafe`` method, a ``CursorWrapper``, or the fetches it hands out) are Django's to
+check, so the drivers'
+``noblock`` check stays silent there; a query from the ORM in async code is reported once,
+as ``async_unsafe`` at its ``cursor()``, whether Django then raised or let it through. With
+``django.async_unsafe=off``, ``noblock`` reports those driver calls as it would anywhere.
+Not caught by either: a Django cursor made before the loop ran and used on it (Django
+checks only where its cursors are made).
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from types import FrameType, ModuleType
+from collections.abc import Callable
+from types import CodeType, FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 from sanitizer.plugin import (
@@ -338,6 +348,25 @@ def _install_asyncio(module: ModuleType, context: Context) -> None:
         return loop
 
     context.replace(module, "get_running_loop", get_running_loop)
+    context.excuse_blocking(_beneath_django(module.async_unsafe(lambda: None).__code__))
+
+
+def _beneath_django(inner: CodeType) -> Callable[[], bool]:
+    """Whether a blocking driver call is Django's database work, which ``async_unsafe``
+    covers (the noblock check asks, on its cold path): beneath an ``async_unsafe``
+    method (``inner`` is the code all of them share), a CursorWrapper's call, or the
+    error wrapper Django puts around the driver's fetches that a CursorWrapper hands out."""
+    def beneath() -> bool:
+        files = {getattr(sys.modules.get(name), "__file__", None)
+                 for name in ("django.db.backends.utils", "django.db.utils")}
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code is inner or code.co_filename in files:
+                return True
+            frame = frame.f_back
+        return False
+    return beneath
 
 
 def _async_unsafe_call(frame: FrameType) -> None:
