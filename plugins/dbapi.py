@@ -28,6 +28,16 @@ holder) goes on. Calls from ``asyncio.to_thread``, executors and asgiref's
 ``sync_to_async`` run on worker threads, and are not reported; neither is Django's
 own database work, which its ``async_unsafe`` check covers (plugins/django.py).
 
+psycopg 3's ``AsyncConnection`` is bound to the loop it was opened in (the
+``loop`` policy: used under another loop, or from another thread, is reported)
+and gets the transaction rule at task level (``AsyncTransactionPolicy``):
+psycopg's own lock serializes statements, so tasks taking turns on one
+connection are fine, but a statement, commit or rollback from task B while task
+A has an open transaction is reported, naming A (``holder_task``, and where it
+waits). Tasks that A starts inside its transaction (``gather``, ``wait_for``)
+are its helpers. Its cursors and transaction blocks are checked against the
+connection's record.
+
 Every connection also reports use in a child after ``fork()``, closing
 included: unlike an inherited sqlite3 connection, closing a connection to a
 server in the child sends the protocol's terminate message over the socket the
@@ -42,11 +52,11 @@ wrapped at ``module.connect`` in transparent proxies (wrapt); at level >= 2
 their transactions are inferred (a statement outside ``autocommit`` opens one).
 
 Not tracked: connections from factories that are not classes (a function
-passed as psycopg2's ``connection_factory``), psycopg's AsyncConnection, and
-connections made before ``enable()``. Drivers named in ``dbapi.drivers`` are not
-checked for ``noblock`` (whether they wait on a server is not known); neither
-are psycopg's generator methods (``stream()``, ``notifies()``, ``copy()``:
-calling one does not block; iterating it does, unseen).
+passed as psycopg2's ``connection_factory``), and connections made before
+``enable()``. Drivers named in ``dbapi.drivers`` are not checked for ``noblock``
+(whether they wait on a server is not known); neither are psycopg's generator
+methods (``stream()``, ``notifies()``, ``copy()``: calling one does not block;
+iterating it does, unseen).
 """
 
 from __future__ import annotations
@@ -55,13 +65,16 @@ import functools
 import inspect
 import operator
 import re
+import weakref
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any, cast
 
 from sanitizer.plugin import (
     EXCLUSIVE,
     FORKED,
+    LOOP,
     NOBLOCK,
     OWN,
     PROCESS,
@@ -351,7 +364,8 @@ def _fill_resource(record: OwnerRecord, make: Callable[[], dict[str, Any]]) -> N
         internal_error(exc, "dbapi: reading the connection's host/port/database")
 
 
-def _libpq_init(base: type, policy: Policy, driver: str, *, connects: bool = False) -> Any:
+def _libpq_init(base: type, policy: Policy, driver: str, *, connects: bool = False,
+                after: Callable[[OwnerRecord], None] | None = None) -> Any:
     """``__init__`` of a tracked psycopg2/psycopg connection: record first, then the
     resource from libpq's ``conn.info`` once connected. ``connects``: this ``__init__``
     opens the connection (psycopg2's; psycopg's classmethod connect() has already)."""
@@ -366,6 +380,8 @@ def _libpq_init(base: type, policy: Policy, driver: str, *, connects: bool = Fal
             base_init(self, *args, **kwargs)
         _fill_resource(record, lambda: _resource(
             driver, self.info.host, self.info.port, self.info.dbname))
+        if after is not None:
+            after(record)
 
     return __init__
 
@@ -551,13 +567,16 @@ def _psycopg_cursor_class(base: Any, server: bool = False) -> type:
     return Context.subclass(base, EXCLUSIVE, others, extra=extra)
 
 
-def _tracked_factory(name: str, cursor_base: type, server: bool = False) -> property:
-    """``cursor_factory`` that hands out tracked subclasses of whatever class is set."""
+def _tracked_factory(name: str, cursor_base: type, server: bool = False,
+                     make: Callable[[Any, bool], type] | None = None) -> property:
+    """``cursor_factory`` that hands out tracked subclasses of whatever class is set
+    (made by ``make``, the sync cursors' by default)."""
+    tracked = make or _psycopg_cursor_class
 
     def get(self: Any) -> Any:
         factory = self.__dict__.get(name)
         if Context.can_subclass(factory, cursor_base):
-            return _psycopg_cursor_class(cast(Any, factory), server)
+            return tracked(cast(Any, factory), server)
         return factory
 
     def set_(self: Any, value: Any) -> None:
@@ -604,6 +623,207 @@ def install_psycopg(psycopg: ModuleType, context: Context) -> None:
     context.wrap(stock, "connect", connect)
     if getattr(psycopg, "connect", None) is not None:
         context.wrap(psycopg, "connect", connect)
+    install_psycopg_async(psycopg, context)
+
+
+# -- psycopg 3's AsyncConnection: its loop, and transactions at task level -----------------
+
+# Operations that start a transaction whatever autocommit says (a transaction block's BEGIN).
+OPENS_TRANSACTION = frozenset({"__aenter__", "tpc_begin"})
+# Statements: they start one outside autocommit.
+STATEMENTS = frozenset({"execute", "executemany"})
+# Where helper tasks learn that their creator holds a transaction: (record, task) weak
+# references, noted in the holder's context when it claims one, and copied into the
+# context of each task it starts from then on (asyncio copies the context).
+_HOLDING: ContextVar[tuple[tuple[weakref.ref[Any], weakref.ref[Any]], ...]] = ContextVar(
+    "sanitizer_psycopg_holding", default=())
+HOLDING_LIMIT = 16  # notes kept per context: the latest claims
+
+
+def _note_holding(record: OwnerRecord, task: Any) -> None:
+    """Note in the current (the holder's) context that ``task`` holds ``record``'s transaction."""
+    try:
+        kept = tuple(entry for entry in _HOLDING.get()
+                     if entry[0]() is not None and entry[0]() is not record)
+        _HOLDING.set(((weakref.ref(record), weakref.ref(task)), *kept)[:HOLDING_LIMIT])
+    except TypeError:  # a task that cannot be weakly referenced: no helpers then
+        pass
+
+
+def _helper_of(record: OwnerRecord, holder: object) -> bool:
+    """Whether the current task was started by ``holder`` while it held the transaction."""
+    return any(entry[0]() is record and entry[1]() is holder for entry in _HOLDING.get())
+
+
+def _task_phrase(task: Mapping[str, Any] | None) -> str:
+    if not task:
+        return "another task"
+    coroutine = task.get("coroutine")
+    return f"task '{task.get('name')}'" + (f" ({coroutine}())" if coroutine else "")
+
+
+class AsyncTransactionPolicy(Policy):
+    """psycopg 3's AsyncConnection (and its cursors and transaction blocks, which read its
+    record): bound to the loop it was opened in (the ``loop`` policy), shared by tasks, but
+    not inside another task's transaction.
+
+    The async counterpart of TransactionPolicy and StatementPolicy, with the same shape:
+    psycopg's own lock serializes statements, so tasks taking turns on the connection is
+    no bug; a statement, commit or rollback from task B while task A has an open
+    transaction is (B's work joins A's transaction, or B ends A's half-done work).
+    ``record.task`` names the holder (the task policy's field, here the task inside the
+    transaction rather than inside a call): claimed when a statement starts outside
+    autocommit (so that a commit racing with the first INSERT is seen) or a transaction
+    block is entered, and cleared when libpq's transaction status says none is open after
+    the holder's call, or after a commit, rollback or close. The holder's helper tasks
+    (``gather`` inside the transaction, ``wait_for``'s inner task on 3.10/3.11) are not
+    intruders. Not checked: loop callbacks outside any task.
+    """
+
+    name = "transaction"  # its guards: enter/exit around a coroutine method's run
+
+    def violated(
+        self, record: OwnerRecord, token: ThreadToken, holder: object,
+        obj: object = None, operation: str = "",
+    ) -> str | None:
+        if holder is FORKED or record.pid != token.pid:
+            return "process"
+        if holder is None:  # the loop's rule (the LOOP guards', and enter()'s own check)
+            return LOOP.violated(record, token, holder, obj, operation)
+        if record.sharing > 0 or _helper_of(record, holder):
+            return None
+        return "transaction"
+
+    def describe(self, violation: Violation, record: OwnerRecord, token: ThreadToken) -> str:
+        if violation.policy != "transaction":
+            return LOOP.describe(violation, record, token)
+        effect = ("ends that task's transaction" if violation.operation in ENDS_TRANSACTION
+                  else "runs inside that task's transaction")
+        return (f"{violation.object_type}.{violation.operation} called in "
+                f"{_task_phrase(violation.task)} while {_task_phrase(violation.holder_task)} "
+                f"has an open transaction on the same connection: it {effect} "
+                "(transaction policy); give each task its own connection (a pool), or end "
+                "the transaction before handing the connection over")
+
+    def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
+        if record.policy is None:
+            return None
+        me = Context.local.token
+        if me.pid != record.pid or record.busy is FORKED:
+            Context.check(obj, record, operation, FORKED)  # "process"
+            return None
+        if record.loop is not me.loop and record.loop is not None and Context.check(
+                obj, record, operation, None):
+            return None  # under another loop: that is the report
+        task = Context.current_task()
+        if task is None:  # a loop callback: no task to hold anything
+            return None
+        holder = record.task
+        if holder is None:
+            if operation in OPENS_TRANSACTION or (
+                    operation in STATEMENTS and not _connection(obj)._autocommit):
+                record.task = task
+                _note_holding(record, task)
+        elif holder is not task:
+            Context.check(obj, record, operation, holder)
+        return task, operation
+
+    def exit(self, obj: object, record: OwnerRecord, state: Any) -> None:
+        if state is None or record.policy is None:
+            return
+        task, operation = state
+        try:
+            opened = _psycopg_status(_connection(obj)) in PG_OPEN
+        except Exception:  # a broken or closed connection has no transaction to hold
+            opened = False
+        holder = record.task
+        if not opened:
+            # Not another task's claim made for a statement still waiting for the lock.
+            if holder is task or holder is None or operation in ENDS_TRANSACTION:
+                record.task = None
+        elif holder is None and operation not in ENDS_TRANSACTION:
+            record.task = task  # this task's call opened it
+            _note_holding(record, task)
+
+
+ASYNC_TRANSACTION = AsyncTransactionPolicy()
+
+
+def _connection(obj: Any) -> Any:
+    """The AsyncConnection of a connection, cursor or transaction block."""
+    return getattr(obj, "_conn", None) or obj
+
+
+# Ends and starts of transactions; the other coroutine methods follow the loop's rule.
+ASYNC_TRANSACTION_METHODS: Methods = {
+    "commit": "", "rollback": "", "close": "", "tpc_begin": OWN, "tpc_prepare": "",
+    "tpc_commit": OWN, "tpc_rollback": OWN,
+}
+# Not guarded: cancel(), cancel_safe() (meant for other tasks and threads), fileno().
+# execute() runs its cursor's, which checks the transaction.
+ASYNC_OTHER_METHODS: Methods = {
+    "cursor": OWN, "execute": OWN, "transaction": OWN, "pipeline": "", "notifies": OWN,
+    "set_autocommit": "value", "set_isolation_level": "value", "set_read_only": "value",
+    "set_deferrable": "value", "tpc_recover": "", "xid": OWN, "__aenter__": "",
+    "__aexit__": "exc_type, exc_val, exc_tb",
+}
+ASYNC_STATEMENTS: Methods = {"execute": OWN, "executemany": OWN}
+ASYNC_CURSOR_METHODS: Methods = {
+    "fetchone": "", "fetchmany": OWN, "fetchall": "", "scroll": OWN, "close": "",
+    "stream": OWN, "results": "", "set_result": OWN, "copy": OWN, "__aenter__": "",
+    "__aexit__": "exc_type, exc_val, exc_tb", "__aiter__": "",
+}
+
+
+@functools.cache
+def _psycopg_async_cursor_class(base: Any, server: bool = False) -> type:
+    """Tracked subclass of an async cursor factory: its guards read its connection's record."""
+    del server  # the same for server cursors: their fetches are awaited like any
+    extra = {name: Context.guard(ASYNC_TRANSACTION, getattr(base, name), name, OWN,
+                                 record_from="_conn")
+             for name in ASYNC_STATEMENTS if hasattr(base, name)}
+    return Context.subclass(base, LOOP, ASYNC_CURSOR_METHODS, extra=extra, record_from="_conn")
+
+
+@functools.cache
+def _psycopg_async_connection_class(psycopg: ModuleType, base: type) -> type:
+    extra: dict[str, Any] = {
+        # Made inside AsyncConnection.connect(), on the loop that awaits it: bound to it.
+        "__init__": _libpq_init(base, ASYNC_TRANSACTION, "psycopg", after=Context.bind_running),
+        "cursor_factory": _tracked_factory("cursor_factory", psycopg.AsyncCursor,
+                                           make=_psycopg_async_cursor_class),
+        "server_cursor_factory": _tracked_factory("server_cursor_factory", psycopg.AsyncCursor,
+                                                  server=True, make=_psycopg_async_cursor_class),
+        **Context.guards(base, ASYNC_TRANSACTION, ASYNC_TRANSACTION_METHODS),
+    }
+    return Context.subclass(base, LOOP, ASYNC_OTHER_METHODS, extra=extra)
+
+
+def install_psycopg_async(psycopg: ModuleType, context: Context) -> None:
+    stock = getattr(psycopg, "AsyncConnection", None)
+    transaction = getattr(psycopg, "AsyncTransaction", None)
+    if stock is None or transaction is None:
+        return
+    # Transaction blocks of untracked connections read this (never checked).
+    context.replace(stock, "_sanitizer_record", UNTRACKED)
+    for name in ("__aenter__", "__aexit__"):
+        context.replace(transaction, name, Context.guard(
+            ASYNC_TRANSACTION, vars(transaction)[name], name, OWN, record_from="_conn"))
+
+    def connect(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Any:
+        # A classmethod coroutine: the instance is made, and bound, when it is awaited.
+        cls = instance if isinstance(instance, type) else stock
+        if Context.can_subclass(cls, stock):
+            try:
+                tracked: Any = _psycopg_async_connection_class(psycopg, cls)
+            except Exception as exc:
+                context.internal_error(exc, "psycopg.AsyncConnection.connect")
+            else:
+                return tracked.connect(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    context.wrap(stock, "connect", connect)
 
 
 # -- PyMySQL and mysqlclient: Python classes, patched in place ---------------------------
