@@ -82,6 +82,7 @@ from sanitizer.plugin import (
     ConfigError,
     Context,
     Exclusive,
+    LoopBound,
     Methods,
     OwnerRecord,
     Plugin,
@@ -749,6 +750,18 @@ class AsyncTransactionPolicy(Policy):
 ASYNC_TRANSACTION = AsyncTransactionPolicy()
 
 
+class GuardedLoop(LoopBound):
+    """The loop policy through guards, never a prologue compiled into the method: a guard
+    runs a reported call quietly, so that what it calls (the cursor beneath
+    AsyncConnection.execute()) does not report the same misuse again."""
+
+    def inlined(self, func: Callable[..., Any], operation: str) -> Any:
+        return None
+
+
+ASYNC_LOOP = GuardedLoop()
+
+
 def _connection(obj: Any) -> Any:
     """The AsyncConnection of a connection, cursor or transaction block."""
     return getattr(obj, "_conn", None) or obj
@@ -782,7 +795,8 @@ def _psycopg_async_cursor_class(base: Any, server: bool = False) -> type:
     extra = {name: Context.guard(ASYNC_TRANSACTION, getattr(base, name), name, OWN,
                                  record_from="_conn")
              for name in ASYNC_STATEMENTS if hasattr(base, name)}
-    return Context.subclass(base, LOOP, ASYNC_CURSOR_METHODS, extra=extra, record_from="_conn")
+    return Context.subclass(base, ASYNC_LOOP, ASYNC_CURSOR_METHODS, extra=extra,
+                            record_from="_conn")
 
 
 @functools.cache
@@ -796,7 +810,7 @@ def _psycopg_async_connection_class(psycopg: ModuleType, base: type) -> type:
                                                   server=True, make=_psycopg_async_cursor_class),
         **Context.guards(base, ASYNC_TRANSACTION, ASYNC_TRANSACTION_METHODS),
     }
-    return Context.subclass(base, LOOP, ASYNC_OTHER_METHODS, extra=extra)
+    return Context.subclass(base, ASYNC_LOOP, ASYNC_OTHER_METHODS, extra=extra)
 
 
 def install_psycopg_async(psycopg: ModuleType, context: Context) -> None:
