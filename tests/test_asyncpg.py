@@ -245,6 +245,28 @@ class TestAllowed:
         assert run(main) == [None, []]
         assert found() == []
 
+    def test_coroutines_made_in_a_worker_thread_run_on_the_loop(
+            self, sanitized: Sanitized, dsn: str) -> None:
+        """run_coroutine_threadsafe(): the worker only makes the coroutines; the loop's task
+        runs them (checked when awaited, there)."""
+        async def main() -> list[int]:
+            loop = asyncio.get_running_loop()
+            conn = await asyncpg.connect(dsn)
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+            tracked(conn), tracked(pool)
+
+            def worker() -> list[int]:
+                return [asyncio.run_coroutine_threadsafe(call, loop).result(30)
+                        for call in (conn.fetchval("SELECT 1"), pool.fetchval("SELECT 2"))]
+
+            values = await asyncio.to_thread(worker)
+            await pool.close()
+            await conn.close()
+            return values
+
+        assert run(main) == [1, 2]
+        assert found() == []
+
     def test_a_connection_class_of_your_own(self, sanitized: Sanitized, dsn: str) -> None:
         class Mine(asyncpg.Connection):  # type: ignore[misc]
             async def answer(self) -> int:
@@ -412,6 +434,41 @@ class TestTwoTasksAtOnce:
         assert violation.object_type == "asyncpg.Connection"  # the proxy's Connection
         assert violation.holder_task is not None
         assert violation.holder_task["coroutine"].endswith("holder")
+
+
+class TestUvloop:
+    def test_handoff_is_silent_and_two_tasks_at_once_are_reported(
+            self, sanitized: Sanitized, dsn: str) -> None:
+        uvloop = pytest.importorskip("uvloop")
+
+        async def main() -> Any:
+            conn = await asyncpg.connect(dsn)
+            tracked(conn)
+            await asyncio.ensure_future(conn.fetchval("SELECT 1"))
+            await asyncio.ensure_future(conn.fetchval("SELECT 2"))  # a handoff
+            assert found() == []
+            async with Blocker(dsn) as blocker:
+                inside = asyncio.Event()
+
+                async def holder() -> Any:
+                    inside.set()
+                    return await conn.fetchval(WAIT_FOR_LOCK)
+
+                async def intruder() -> None:
+                    await inside.wait()
+                    with pytest.raises(asyncpg.InterfaceError):
+                        await conn.fetchval("SELECT 3")
+                    await blocker.release()
+
+                await asyncio.gather(holder(), intruder())
+            await conn.close()
+
+        uvloop.run(main())
+        (violation,) = sanitizer.violations()
+        assert (violation.policy, violation.operation) == ("task", "fetchval")
+        assert violation.holder_task is not None
+        assert violation.holder_task["coroutine"].endswith("holder")
+        assert violation.owner_loop is not None and violation.owner_loop["type"] == "Loop"
 
 
 class TestLoops:
