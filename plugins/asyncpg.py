@@ -9,10 +9,15 @@ What is checked:
   ``reset``, ``close`` ...) let one task in at a time, nested calls of the same
   task included: a second task entering while one is inside is reported, naming
   the holder, its coroutine and where it waits, *before* the statement is sent
-  (asyncpg itself says only "another operation is in progress", or nothing).
+  (asyncpg itself says only "another operation is in progress", or nothing); with
+  ``action=raise`` the intruding task gets the ThreadAffinityError instead, and the
+  holder's statement goes on undisturbed.
   Used under another loop, or from a thread other than its loop's, is reported
   under the ``loop`` rule, which the sync methods follow too (``transaction()``,
-  ``cursor()``, ``terminate()``, the listener and logger registrations).
+  ``cursor()``, ``terminate()``, the listener and logger registrations). From
+  another thread, asyncpg's C protocol races with the loop's thread, which reads
+  the same socket: such a program may crash right after the report (it is written
+  first); ``action=raise`` stops the call before it.
 * **An open transaction or cursor is a span of its own**: from ``start()``
   (``async with conn.transaction()``) until ``commit()``/``rollback()``/
   ``__aexit__``, and from opening a cursor until it is exhausted or its
@@ -40,14 +45,17 @@ statement's ``get_*()``), which touch nothing a running operation changes.
 Not seen: connections and pools made before the sanitizer started, and pools
 made by calling ``asyncpg.Pool(...)`` directly (``create_pool()`` is seen).
 Two helper tasks of one holder, both inside its transaction (``gather()`` of two
-queries there), are not told apart: asyncpg's own error says that one.
+queries there), are not told apart: the task policy lets a holder's helpers in
+without a span of their own (asyncpg's "another operation is in progress" still
+says so when their queries overlap).
 
 asyncpg's classes have ``__slots__`` and no room for a record: the methods are
 guarded in place (undone by ``disable()``), and the connections and pools made
 while the sanitizer runs are of a subclass that only adds the record's slot
 (``type()`` differs, ``isinstance()`` and reports do not), swapped in where
 asyncpg makes them (``connect_utils._connect``'s ``connection_class``, the
-``Pool`` that ``create_pool()`` calls).
+``Pool`` that ``create_pool()`` calls: while the sanitizer runs, ``asyncpg.pool.Pool``
+is that subclass; ``asyncpg.Pool`` stays asyncpg's own).
 
 Reports carry ``resource`` = host, port and database, never a query.
 """

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import found, line_of, line_of_file, run_program, tracked
+from support import found, line_of, line_of_file, pytester_suite, run_program, tracked
 
 import sanitizer
 
 asyncpg = pytest.importorskip("asyncpg")
+
+pytest_plugins = ["pytester"]
 
 HERE = str(Path(__file__).resolve())
 LOCK = 4242  # the advisory lock that keeps a holder's query inside the server
@@ -602,7 +604,7 @@ async def main():
             try:
                 await conn.fetchval("SELECT 1")  # used here
             except Exception as exc:
-                print("asyncpg said:", type(exc).__name__)
+                print("refused:", type(exc).__name__)
         asyncio.run(use())
 
     thread = threading.Thread(target=worker, name="worker")
@@ -670,8 +672,11 @@ class TestEndToEnd:
 
     def test_a_connection_used_from_a_worker_threads_own_loop(
             self, tmp_path: Path, program_dsn: str) -> None:
-        proc, records = run_program(tmp_path, WORKER_LOOP)
+        # Refused (action=raise): let through, asyncpg's C protocol would race with the loop's
+        # thread, which reads the same socket (a crash, now and then).
+        proc, records = run_program(tmp_path, WORKER_LOOP, "action=log+raise")
         assert proc.returncode == 0, proc.stderr
+        assert "refused: ThreadAffinityError" in proc.stdout
         (record,) = records
         assert (record["policy"], record["operation"]) == ("loop", "fetchval")
         assert record["access_stack"][0]["line"] == line_of(WORKER_LOOP, "used here")
@@ -682,3 +687,72 @@ class TestEndToEnd:
         assert record["owner_loop"]["thread"]["name"] == "MainThread"
         assert record["loop"]["serial"] != record["owner_loop"]["serial"]
         assert record["task"]["coroutine"] == "main.<locals>.worker.<locals>.use"
+
+
+PYTEST_SUITE = """
+import os
+import asyncpg
+import pytest
+import pytest_asyncio
+
+DSN = os.environ["APG_DSN"]
+
+@pytest_asyncio.fixture
+async def conn():
+    conn = await asyncpg.connect(DSN)
+    transaction = conn.transaction()
+    await transaction.start()  # the setup's task opens it
+    await conn.execute("CREATE TABLE items (n int)")
+    yield conn
+    await transaction.rollback()  # the teardown's task ends it
+    await conn.close()
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def shared():
+    conn = await asyncpg.connect(DSN)  # made by the fixture
+    yield conn
+    conn.terminate()
+
+@pytest.mark.asyncio
+async def test_insert(conn):
+    await conn.execute("INSERT INTO items VALUES (1)")  # the test's task uses it
+    assert await conn.fetchval("SELECT count(*) FROM items") == 1
+
+@pytest.mark.asyncio
+async def test_rolled_back_before(conn):
+    assert await conn.fetchval("SELECT count(*) FROM items") == 0
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_in_the_fixtures_loop(shared):
+    assert await shared.fetchval("SELECT 1") == 1
+
+@pytest.mark.asyncio
+async def test_in_its_own_loop(shared):
+    await shared.fetchval("SELECT 2")  # another loop
+"""
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("pytest_asyncio"),
+                    reason="needs pytest-asyncio")
+def test_under_pytest_asyncio(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                              program_dsn: str) -> None:
+    """A per-test connection whose transaction the fixture opens and rolls back is silent
+    (setup, test and teardown are tasks one after the other); a session fixture's
+    connection used in a test's own loop names the fixture."""
+    suite = pytester_suite(pytester, monkeypatch, "")
+    path = suite.makepyfile(test_pg=PYTEST_SUITE)
+    result = suite.runpytest_subprocess("--sanitize-threads", "-p", "no:randomly")
+    result.assert_outcomes(passed=3, failed=1)
+    used, made = line_of_file(path, "# another loop"), line_of_file(path, "# made by the fixture")
+    result.stdout.fnmatch_lines([
+        "*_ test_in_its_own_loop _*",
+        "*(made by pytest fixture 'shared' (scope 'session', loop_scope 'session'))*",
+        "*hint: the asyncpg.Connection was made by fixture 'shared'*loop_scope=\"session\"*",
+        "*thread-affinity violations*",
+        "test_pg.py::test_in_its_own_loop (call)",
+        "*(loop) asyncpg.Connection.fetchval called in task*bound to event loop L* (idle)*",
+        f"*used at test_pg.py:{used} in test_in_its_own_loop",
+        f"*created at test_pg.py:{made} in shared",
+        "sanitize-threads: 1 violation(s) in 1 test(s)",
+        "FAILED *::test_in_its_own_loop - *"])  # asyncpg's own error, after the report
+    assert "(task)" not in result.stdout.str()
