@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
 
@@ -107,6 +108,15 @@ class Holds:
 #: Per connection record, its held spans. Weak: a connection dropped with an open
 #: transaction takes its entry along.
 HOLDS: weakref.WeakKeyDictionary[OwnerRecord, Holds] = weakref.WeakKeyDictionary()
+#: Where a holder's helper tasks (``wait_for``'s inner task, the pool's ``shield()``-ed
+#: release) learn that it holds a connection: (record, task) weak references noted in the
+#: holder's context when it opens a transaction or cursor, which asyncio copies into each
+#: task it starts from then on. A variable of its own: the task guards reset theirs as
+#: each call returns, and a guard of another layer around ``start()`` (an ORM's) would
+#: take the note with it.
+HELD: ContextVar[tuple[tuple[weakref.ref[Any], weakref.ref[Any]], ...]] = ContextVar(
+    "sanitizer_asyncpg_held", default=())
+HELD_LIMIT = 16  # notes kept per context: the latest
 
 
 class ConnectionTasks(TaskPolicy):
@@ -116,7 +126,7 @@ class ConnectionTasks(TaskPolicy):
         self, record: OwnerRecord, token: ThreadToken, holder: object,
         obj: object = None, operation: str = "",
     ) -> str | None:
-        if holder is not None and _span_over(record, holder):
+        if holder is not None and (_span_over(record, holder) or _helper_of(record, holder)):
             return None
         return super().violated(record, token, holder, obj, operation)
 
@@ -174,8 +184,7 @@ def _span_over(record: OwnerRecord, holder: object) -> bool:
         if conn is not None and not conn.is_closed() and conn.is_in_transaction():
             return False
         del HOLDS[record]
-        for _ in holds.entries:
-            Context.let_go(record, holder)
+        _end_spans(record, holder, len(holds.entries))
         return record.task is None
     except Exception as exc:
         internal_error(exc, "asyncpg: checking a held span")
@@ -191,11 +200,15 @@ def _hold(obj: object, conn: Any, kind: str) -> None:
     key = id(obj)
     if holds is not None and any(entry[0] == key for entry in holds.entries):
         return  # an iterator's next batch: held already
-    task = Context.hold(record)
-    if task is None:
-        return
+    task = Context.current_task()
+    if task is None or record.task not in (None, task):
+        return  # a loop callback holds nothing; another task inside was reported
+    # A span, as a task guard's: the template nests its own calls in it.
+    record.task = task
+    record.depth += 1
     if holds is None or holds.task is not task:
         holds = HOLDS[record] = Holds(conn, task)
+        _note(record, task)
     holds.entries.append((key, kind))
 
 
@@ -213,17 +226,49 @@ def _let_go(obj: object, conn: Any) -> None:
     else:
         return
     assert record is not None
-    Context.let_go(record, holds.task)
     try:
         idle = conn.is_closed() or not conn.is_in_transaction()
     except Exception:
         idle = True
+    ended = 1
     if idle:  # the transaction ended: its cursors with it
-        for _ in holds.entries:
-            Context.let_go(record, holds.task)
+        ended += len(holds.entries)
         holds.entries.clear()
     if not holds.entries:
         del HOLDS[record]
+    _end_spans(record, holds.task, ended)
+
+
+def _end_spans(record: OwnerRecord, task: object, count: int) -> None:
+    """``count`` spans that ``task`` held on ``record`` are over."""
+    if record.task is task:
+        record.depth = max(record.depth - count, 0)
+        if not record.depth:
+            record.task = None
+    if HOLDS.get(record) is None:
+        _forget(record, task)
+
+
+def _note(record: OwnerRecord, task: object) -> None:
+    """Note in the current (the holder's) context that ``task`` holds ``record``."""
+    try:
+        kept = tuple(entry for entry in HELD.get() if entry[0]() not in (None, record))
+        HELD.set(((weakref.ref(record), weakref.ref(task)), *kept)[:HELD_LIMIT])
+    except TypeError:  # a task that cannot be weakly referenced: no helpers then
+        pass
+
+
+def _forget(record: OwnerRecord, task: object) -> None:
+    """Drop the note from the current context (the holder's, usually: elsewhere there is
+    none, and the holder's own goes with its task)."""
+    notes = HELD.get()
+    if any(entry[0]() is record for entry in notes):
+        HELD.set(tuple(entry for entry in notes if entry[0]() is not record))
+
+
+def _helper_of(record: OwnerRecord, holder: object) -> bool:
+    """Whether the current task was started by ``holder`` while it held ``record``."""
+    return any(entry[0]() is record and entry[1]() is holder for entry in HELD.get())
 
 
 # -- method tables ---------------------------------------------------------------------

@@ -186,6 +186,39 @@ class TestAllowed:
         assert run(main) == [1, 2]
         assert found() == []
 
+    def test_helper_tasks_of_a_transaction_opened_beneath_another_layers_guard(
+            self, sanitized: Sanitized, dsn: str) -> None:
+        """An ORM's session over the connection, task-guarded as its plugin would guard it,
+        opens the transaction: the note of it outlives that guard, so a task the holder
+        starts inside the transaction is still its helper."""
+        from sanitizer.plugin import TASK, Context, new_record
+
+        class Session:
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+                self.transaction: Any = None
+
+            async def begin(self) -> None:
+                self.transaction = self.conn.transaction()
+                await self.transaction.start()
+
+        guarded = type("Session", (Session,), {"begin": Context.guard(TASK, Session.begin,
+                                                                      "begin")})
+
+        async def main() -> int:
+            conn = await asyncpg.connect(dsn)
+            session = guarded(conn)
+            assert Context.attach(session, new_record(session, TASK))
+            await session.begin()
+            assert tracked(conn).task is asyncio.current_task()  # held past begin()
+            value = await asyncio.ensure_future(conn.fetchval("SELECT 5"))  # a helper task
+            await session.transaction.rollback()
+            await conn.close()
+            return int(value)
+
+        assert run(main) == 5
+        assert found() == []
+
     def test_loop_callbacks_with_no_task(self, sanitized: Sanitized, dsn: str) -> None:
         seen: list[Any] = []
 
