@@ -6,10 +6,11 @@ own that keeps one connection: ``raw`` (the sanitizer off: nothing patched),
 ``asyncio`` (the sanitizer on without the asyncpg plugin: the loop's own checks
 only, the connection untracked) and ``tracked`` (everything on: the connection's
 task guard too). The workers take turns, round after round, so that the load of
-the machine falls on all of them alike; the medians per call are compared.
+the machine falls on all of them alike; each round is compared with raw's round of the
+same turn, and the median of those ratios is the result.
 
-    python benchmarks/bench_asyncpg.py                # 200 rounds of 500 calls
-    python benchmarks/bench_asyncpg.py --rounds 400 --calls 1000
+    python benchmarks/bench_asyncpg.py                # 600 rounds of 200 calls
+    python benchmarks/bench_asyncpg.py --rounds 2000 --calls 100
     python benchmarks/bench_asyncpg.py --instructions
 
 ``--instructions`` counts instructions per call with valgrind's callgrind instead
@@ -130,13 +131,16 @@ def timed(rounds: int, calls: int) -> None:
                 worker.stdin.close()
             worker.wait(60)
     print(f"await conn.fetchval({QUERY!r}) over loopback, {rounds} rounds of {calls:,} "
-          "calls, median per call:")
+          "calls: median per call, and the median ratio to raw's round of the same turn "
+          "(quartiles):")
     base = statistics.median(per_call["raw"])
     for variant in VARIANTS:
         value = statistics.median(per_call[variant])
-        spread = statistics.quantiles(per_call[variant], n=4)
-        print(f"  {variant:<8} {value / 1000:7.2f} us  (quartiles {spread[0] / 1000:.2f}-"
-              f"{spread[2] / 1000:.2f})  +{(value - base) / 1000:5.2f} us  x{value / base:.3f}")
+        # Against the raw round next to it in time: the machine's load changes slowly.
+        ratios = [t / r for t, r in zip(per_call[variant], per_call["raw"], strict=True)]
+        spread = statistics.quantiles(ratios, n=4)
+        print(f"  {variant:<8} {value / 1000:7.2f} us  +{(value - base) / 1000:5.2f} us  "
+              f"x{statistics.median(ratios):.3f} ({spread[0]:.3f}-{spread[2]:.3f})")
 
 
 def instructions(calls: int) -> None:
@@ -157,8 +161,8 @@ def instructions(calls: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=600)
+    parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions with callgrind instead of timing")
     args = parser.parse_args()
