@@ -25,6 +25,7 @@ BUILTIN = {
     "pyzmq": "sanitizer.plugins.pyzmq",
     "duckdb": "sanitizer.plugins.duckdb",
     "asyncio": "sanitizer.plugins.asyncio",
+    "asyncpg": "sanitizer.plugins.asyncpg",
 }
 
 
