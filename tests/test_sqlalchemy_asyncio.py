@@ -384,7 +384,18 @@ class TestLoops:
         assert record.loop is None
         old = asyncio.new_event_loop()
         try:
-            old.run_until_complete(session.execute(text("select 1")))  # bound here
+            # One task of the old loop opens the transaction and, later, ends it (a task
+            # of the session's own: the driver's transaction rule stays out of this).
+            connected, release = asyncio.Event(), old.create_future()
+
+            async def first() -> None:
+                await session.execute(text("select 1"))  # bound here
+                connected.set()
+                await release  # the old loop stands idle meanwhile
+                await session.close()  # its own loop: fine
+
+            task = old.create_task(first())
+            old.run_until_complete(connected.wait())
             bound = record.loop
             assert bound is not None and bound.loop is not None and bound.loop() is old
 
@@ -393,7 +404,8 @@ class TestLoops:
 
             with pytest.raises(sanitizer.ThreadAffinityError):
                 run(under_another_loop)
-            old.run_until_complete(session.close())  # its own loop: fine
+            release.set_result(None)
+            old.run_until_complete(task)
 
             # Between transactions it keeps nothing of a loop: the next one binds it anew.
             async def after_close() -> None:
