@@ -126,7 +126,9 @@ if _g_loop is not None and _g_loop.ident != _g_ident():
 
 # One task at a time inside the object's async operations (spans), nested by the same
 # task; the loop's rule first. A span is also noted in the task's context, so that
-# helper tasks the holder starts inside it (and awaits) are not intruders.
+# helper tasks the holder starts inside it (and awaits) are not intruders. Its note
+# goes when it ends, and only its own: a note pushed meanwhile and kept (a span that
+# outlasts its call, as an open transaction's, beneath a Session's) stays.
 TASK = """\
 _g_record = {record}
 _g_me = _g_local.token
@@ -139,11 +141,15 @@ _g_holder = _g_record.task
 if _g_holder is None or _g_holder is _g_task:
     _g_record.task = _g_task
     _g_record.depth += 1
-    _g_span = _g_spans.set((_g_record, _g_task, _g_spans.get()))
+    _g_mine = (_g_record, _g_task, _g_spans.get())
+    _g_span = _g_spans.set(_g_mine)
     try:
         return await {call}
     finally:
-        _g_spans.reset(_g_span)
+        if _g_spans.get() is _g_mine:
+            _g_spans.reset(_g_span)
+        else:  # notes kept after ours (a span that outlasts its call): only ours goes
+            _g_unspan(_g_record, _g_task)
         _g_record.depth -= 1
         if not _g_record.depth:
             _g_record.task = None
@@ -616,6 +622,22 @@ def _helper_of(record: OwnerRecord, holder: object) -> bool:
     return False
 
 
+def unspan(record: OwnerRecord, task: object) -> None:
+    """Take the note of ``task``'s span on ``record`` out of the calling task's context,
+    keeping the notes pushed after it (a TASK guard's exit, when the note is not on top)."""
+    kept: list[tuple[Any, Any]] = []
+    span = SPANS.get()
+    while span is not None and (span[0] is not record or span[1] is not task):
+        kept.append((span[0], span[1]))
+        span = span[2]
+    if span is None:
+        return
+    rest = span[2]
+    for entry in reversed(kept):
+        rest = (*entry, rest)
+    SPANS.set(rest)
+
+
 def _in_task(violation: Violation) -> str:
     task = violation.task
     return f"in task {loops.task_phrase(task)} " if task else ""
@@ -885,7 +907,8 @@ def compile_guard(
 ) -> FunctionType:
     scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
              "_g_operation": operation, "_g_awaited": _awaited_check_for(policy),
-             "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_hush": HUSH,
+             "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_unspan": unspan,
+             "_g_hush": HUSH,
              "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
              "_g_ident": threading.get_ident, **namespace}
     exec(_guard_module(template or policy.template, call, params, record), scope)
