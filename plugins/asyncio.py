@@ -199,16 +199,7 @@ def _patch_loops(base: type, selector: type, context: Context) -> None:
     context.patch_class(base, LOOP_THREAD, LOOP_METHODS, make_record=make_record, own_only=True)
     context.patch_class(selector, LOOP_THREAD, SELECTOR_METHODS, own_only=True)
     names = {"_g_ident": threading.get_ident, "_g_off_loop": _off_loop}
-    if not context.prologue(base, "_check_closed", _CHECK_CLOSED, names):
-        original = vars(base)["_check_closed"]
-
-        def _check_closed(self: Any) -> None:  # the same, a frame dearer
-            loop = self._sanitizer_record.loop
-            if loop is not None and loop.ident != threading.get_ident():
-                _off_loop(self, self._sanitizer_record)
-            original(self)
-
-        context.replace(base, "_check_closed", _check_closed)
+    context.prologue(base, "_check_closed", _CHECK_CLOSED, names)
 
     def close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         result = wrapped(*args, **kwargs)
@@ -223,7 +214,7 @@ def _off_loop(loop: Any, record: OwnerRecord) -> None:
     loop are not: decide which call it is, and check it."""
     try:
         caller = sys._getframe(1)
-        while caller.f_code.co_name == "_check_closed" or _ours(caller):
+        while caller.f_code.co_name == "_check_closed":  # the copy, or its wrapper
             caller = caller.f_back  # type: ignore[assignment]
         if "threadsafe" in caller.f_code.co_name:
             return  # call_soon_threadsafe, the way across
@@ -257,10 +248,6 @@ def _inside_checked_call(frame: Any, record: OwnerRecord) -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def _ours(frame: Any) -> bool:
-    return bool(frame.f_code.co_filename == __file__)
 
 
 def _loop_method(frame: Any, loop: Any) -> bool:
@@ -316,17 +303,7 @@ def _patch_binding(mixin: type, context: Context) -> None:
 
     context.replace(mixin, "_sanitizer_record", UNTRACKED)  # for subclasses not tracked
     names = {"_g_binding": binding, "_g_ident": threading.get_ident}
-    if not context.prologue(mixin, "_get_loop", _GET_LOOP, names):
-        original = vars(mixin)["_get_loop"]
-
-        def _get_loop(self: Any) -> Any:  # the same, a frame dearer
-            record = self._sanitizer_record
-            if record.policy is not None and (record.loop is None
-                                              or record.loop.ident != threading.get_ident()):
-                binding(self, record)
-            return original(self)
-
-        context.replace(mixin, "_get_loop", _get_loop)
+    context.prologue(mixin, "_get_loop", _GET_LOOP, names)
 
 
 def _patch_bound(cls: type, methods: Methods, context: Context, *,

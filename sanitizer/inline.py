@@ -16,6 +16,7 @@ caller falls back to a guard.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import linecache
 import sys
@@ -25,6 +26,7 @@ from types import CodeType, FunctionType
 from typing import Any
 
 RESERVED_PREFIX = "_g_"
+GUARD_FILENAME = "<sanitizer-guard>"  # stacks.GUARD_FILENAME: this module imports none of ours
 
 
 def with_prologue(func: Callable[..., Any], prologue: str, names: dict[str, Any],
@@ -90,6 +92,23 @@ def with_prologue(func: Callable[..., Any], prologue: str, names: dict[str, Any]
         copy.__code__ = copy.__code__.replace(
             co_qualname=code.co_qualname)  # type: ignore[call-arg, attr-defined, unused-ignore]
     return copy
+
+
+def wrapped_with_prologue(func: Callable[..., Any], prologue: str, names: dict[str, Any]
+                          ) -> FunctionType:
+    """The fallback of ``with_prologue``: a wrapper named as ``func`` that runs the same
+    ``prologue`` (``{self}``: its first argument), then calls ``func``; a frame dearer."""
+    source = (f"def _g_factory(_g_func, {', '.join(names)}):\n"
+              f"    def {func.__name__}(_g_self, /, *args, **kwargs):\n"
+              + textwrap.indent(prologue.replace("{self}", "_g_self"), " " * 8)
+              + "        return _g_func(_g_self, *args, **kwargs)\n"
+              f"    return {func.__name__}\n")
+    scope: dict[str, Any] = {}
+    # The guards' file name: its frame is ours, never a report's site.
+    exec(compile(source, GUARD_FILENAME, "exec"), scope)
+    wrapper: FunctionType = scope["_g_factory"](func, *names.values())
+    functools.update_wrapper(wrapper, func)
+    return wrapper
 
 
 def _definition(func: Callable[..., Any]) -> ast.Module | None:

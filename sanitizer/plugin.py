@@ -242,17 +242,17 @@ class Context:
         return self.patcher.wrap(owner, path, wrapper)
 
     def prologue(self, owner: type, name: str, source: str, names: Mapping[str, Any]) -> bool:
-        """Replace ``owner.name``, a pure-Python function, with a copy compiled from its own
-        source that runs ``source`` first (``{self}`` in it: the first parameter; other
-        names it uses: ``names``, each starting with ``_g_``): a check that costs no frame
-        of its own (undone by disable()). False if it cannot be copied faithfully (no
-        source, a closure, a decorator ...): then wrap it instead."""
-        func = vars(owner).get(name)
-        copy = inline.with_prologue(func, source, dict(names)) if func is not None else None
-        if copy is None:
-            return False
-        self.patcher.replace(owner, name, copy)
-        return True
+        """Replace ``owner.name`` (a function ``owner`` defines) with a copy compiled from
+        its own source that runs ``source`` first (``{self}`` in it: the first parameter;
+        other names it uses: ``names``, each starting with ``_g_``): a check that costs no
+        frame of its own (undone by disable()). Where it cannot be copied faithfully (no
+        source, a closure, a decorator ...), a wrapper runs the same ``source``, a frame
+        dearer. True: it was copied."""
+        func = vars(owner)[name]
+        copy = inline.with_prologue(func, source, dict(names))
+        self.patcher.replace(owner, name, copy or inline.wrapped_with_prologue(
+            func, source, dict(names)))
+        return copy is not None
 
     def when_imported(self, module_name: str, installer: Installer) -> None:
         """Also run ``installer(module, self)`` when that module is imported."""

@@ -503,3 +503,27 @@ def test_call_soon_with_a_pending_future_from_a_thread_is_a_plain_call_soon(
 
     run(main)
     assert found() == [("loop", "call_soon")]
+
+
+def test_where_methods_cannot_be_copied_wrappers_check_the_same(
+        enable: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sanitizer import inline
+
+    monkeypatch.setattr(inline, "with_prologue", lambda *args: None)  # no source, say
+    enable(action="log+raise")
+    called: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        assert tracked(queue).loop is not None  # bound through the wrapped _get_loop
+        outcome = in_worker(lambda: loop.call_soon(called.append, 1))
+        assert isinstance(outcome.get("error"), sanitizer.ThreadAffinityError)
+        loop.call_soon_threadsafe(queue.put_nowait, 2)  # the way across: silent
+        assert await getter == 2
+
+    run(main)
+    assert called == []
+    assert found() == [("loop", "call_soon")]

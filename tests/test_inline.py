@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from support import line_of_file
 
-from sanitizer import inline
+from sanitizer import inline, stacks
 
 CALLS: list[str] = []
 
@@ -129,3 +129,17 @@ def test_closures_code_without_source_and_our_own_names_are_refused() -> None:
 
     for func in (closure, namespace["made"], ours, len):
         assert inline.with_prologue(func, PROLOGUE, NAMES) is None
+
+
+def test_the_fallback_wrapper_runs_the_same_prologue_then_the_function() -> None:
+    outer = 10
+
+    def closure(self: object, a: int, *, b: int = 1) -> int:
+        return outer + a + b
+
+    assert inline.with_prologue(closure, PROLOGUE, NAMES) is None
+    wrapper = inline.wrapped_with_prologue(closure, PROLOGUE, NAMES)
+    assert (wrapper.__name__, wrapper.__wrapped__) == ("closure", closure)
+    assert wrapper(object(), 2, b=3) == 15
+    assert CALLS == ["here"]
+    assert wrapper.__code__.co_filename == stacks.GUARD_FILENAME  # never a report's site
