@@ -90,6 +90,24 @@ def tracked(obj: object) -> OwnerRecord:
     return record
 
 
+def only() -> Any:
+    """The one distinct violation the running sanitizer has seen (fails on none or more)."""
+    import sanitizer
+
+    violations = sanitizer.violations()
+    assert len(violations) == 1, [v.message for v in violations]
+    return violations[0]
+
+
+def line_in(path: str | Path, frame: Any) -> int:
+    """The line of a captured frame (a report's site), which must be in ``path``."""
+    from sanitizer import stacks
+
+    where, number = stacks.location(frame)
+    assert where == str(path), where
+    return number
+
+
 def found() -> list[tuple[str, str]]:
     """(policy, operation) of each distinct violation the running sanitizer has seen."""
     import sanitizer

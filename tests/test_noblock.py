@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import found, in_thread, line_of, line_of_file, run_program, tracked
+from support import found, in_thread, line_in, line_of, line_of_file, only, run_program, tracked
 
 import sanitizer
-from sanitizer import stacks
 from sanitizer.ownership import record_of
 from sanitizer.plugin import NOBLOCK, STRICT, Check, Context, Policy, new_record
 from sanitizer.state import STATE
@@ -68,15 +67,7 @@ def driver(request: pytest.FixtureRequest, start: Callable[..., None]) -> Driver
 
 def line(frame: Any) -> int:
     """The line in this file of a captured frame (a report's site)."""
-    path, number = stacks.location(frame)
-    assert path == str(HERE), path
-    return number
-
-
-def only() -> Any:
-    violations = sanitizer.violations()
-    assert len(violations) == 1, [v.message for v in violations]
-    return violations[0]
+    return line_in(HERE, frame)
 
 
 def assert_on_the_loop(violation: Any, coroutine: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import found, line_of_file, tracked
+from support import found, line_in, line_of_file, only, tracked
 
 import sanitizer
 from sanitizer import stacks
@@ -47,16 +47,8 @@ async def fresh_table(server: Any, name: str) -> str:
 
 
 def line(frame: Any) -> int:
-    """The line of a captured frame (a site, or one of a stack's)."""
-    path, number = stacks.location(frame)
-    assert path == str(HERE), path
-    return number
-
-
-def only() -> Any:
-    violations = sanitizer.violations()
-    assert len(violations) == 1, [v.message for v in violations]
-    return violations[0]
+    """The line in this file of a captured frame (a report's site)."""
+    return line_in(HERE, frame)
 
 
 # -- the misuse: a statement from one task inside another task's transaction ---------------
