@@ -602,25 +602,39 @@ def _psycopg_connection_class(psycopg: ModuleType, base: type) -> type:
     return Context.subclass(base, PROCESS, others, extra=extra)
 
 
-def install_psycopg(psycopg: ModuleType, context: Context) -> None:
-    stock = psycopg.Connection
-
+def _class_connect(context: Context, stock: type, tracked_class: Callable[[type], Any],
+                   reported: Callable[[type], bool] = lambda cls: False
+                   ) -> Callable[..., Any]:
+    """A wrapper of the classmethod ``stock.connect``: the connection is made from the
+    tracked subclass of the class it was called on (a user's subclass too). After
+    ``reported(cls)`` (a violation said before connecting), it connects quietly."""
     def connect(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                 ) -> Any:
-        # Connection.connect is a classmethod: make the instance from a tracked subclass.
         cls = instance if isinstance(instance, type) else stock
         if Context.can_subclass(cls, stock):
             try:
-                tracked: Any = _psycopg_connection_class(psycopg, cls)
+                tracked: Any = tracked_class(cls)
             except Exception as exc:
-                context.internal_error(exc, "psycopg.Connection.connect")
+                package = stock.__module__.partition(".")[0]
+                context.internal_error(exc, f"{package}.{stock.__qualname__}.connect")
             else:
-                if class_connect_reported(cls, _PSYCOPG_TRANSACTION):
+                if reported(cls):
                     with Context.quiet():
                         return tracked.connect(*args, **kwargs)
                 return tracked.connect(*args, **kwargs)
         return wrapped(*args, **kwargs)
 
+    return connect
+
+
+def install_psycopg(psycopg: ModuleType, context: Context) -> None:
+    stock = psycopg.Connection
+
+    def reported(cls: type) -> bool:  # blocking on a loop's thread: said before it blocks
+        return class_connect_reported(cls, _PSYCOPG_TRANSACTION)
+
+    connect = _class_connect(context, stock, functools.partial(_psycopg_connection_class,
+                                                               psycopg), reported)
     context.wrap(stock, "connect", connect)
     if getattr(psycopg, "connect", None) is not None:
         context.wrap(psycopg, "connect", connect)
@@ -824,20 +838,9 @@ def install_psycopg_async(psycopg: ModuleType, context: Context) -> None:
         context.replace(transaction, name, Context.guard(
             ASYNC_TRANSACTION, vars(transaction)[name], name, OWN, record_from="_conn"))
 
-    def connect(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-                ) -> Any:
-        # A classmethod coroutine: the instance is made, and bound, when it is awaited.
-        cls = instance if isinstance(instance, type) else stock
-        if Context.can_subclass(cls, stock):
-            try:
-                tracked: Any = _psycopg_async_connection_class(psycopg, cls)
-            except Exception as exc:
-                context.internal_error(exc, "psycopg.AsyncConnection.connect")
-            else:
-                return tracked.connect(*args, **kwargs)
-        return wrapped(*args, **kwargs)
-
-    context.wrap(stock, "connect", connect)
+    # A classmethod coroutine: the instance is made, and bound, when it is awaited.
+    context.wrap(stock, "connect", _class_connect(
+        context, stock, functools.partial(_psycopg_async_connection_class, psycopg)))
 
 
 # -- PyMySQL and mysqlclient: Python classes, patched in place ---------------------------
