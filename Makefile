@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REQUIREMENTS ?= requirements-dev.txt
-SOURCES := pyproject.toml sanitizer.pth $(shell find sanitizer plugins -name '*.py' 2>/dev/null)
+SOURCES := pyproject.toml sanitizer.pth hatch_build.py sanitizer/_speedups.c $(shell find sanitizer plugins -name '*.py' 2>/dev/null)
 # The core suite also runs on these (pyenv interpreters; CI has them all).
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 CORE_TESTS := tests/test_api.py tests/test_end_to_end.py tests/test_sqlite3_plugin.py \
-	tests/test_asyncio.py tests/test_inline.py
+	tests/test_asyncio.py tests/test_inline.py tests/test_core.py
 
 .PHONY: install demo test test-pythons lint bench bench-instructions bench-pytest realworld realworld-aiosqlite clean
 
@@ -35,8 +35,13 @@ demo: install
 
 # The entry-script pytest, not `python -m pytest`: that would put the source
 # tree (which has no sanitizer.plugins) ahead of the installed wheel.
+# The core suite runs again over the Python core, as coverage.py runs its tests over
+# both of its tracers: the C core is the default, the Python one its fallback.
 test: install
 	$(VENV)/bin/pytest -p no:cacheprovider -n 2
+	@echo "== core suite on the Python core (SANITIZE_THREADS_CORE=python)"
+	SANITIZE_THREADS_CORE=python $(VENV)/bin/pytest -p no:cacheprovider -q -n 2 \
+	  -p no:dbservers $(CORE_TESTS)
 
 test-pythons:
 	@for v in $(OTHER_PYTHONS); do \
@@ -51,7 +56,7 @@ test-pythons:
 	done
 
 lint: install
-	$(VENV)/bin/ruff check sanitizer plugins tests benchmarks examples realworld
+	$(VENV)/bin/ruff check sanitizer plugins tests benchmarks examples realworld hatch_build.py
 	cd $(VENV) && bin/mypy --config-file ../pyproject.toml -p sanitizer
 
 bench: install

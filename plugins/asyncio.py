@@ -43,7 +43,6 @@ driver plugins report: ``network`` (the default: network database drivers),
 from __future__ import annotations
 
 import sys
-import threading
 from types import ModuleType
 from typing import Any
 
@@ -84,7 +83,10 @@ LOOP_METHODS: Methods = {name: None for name in (
 SELECTOR_METHODS: Methods = {name: None for name in ("remove_reader", "remove_writer")}
 
 _CHECK_CLOSED = """\
-_g_loop = {self}._sanitizer_record.loop
+try:
+    _g_loop = {self}._sanitizer_record.loop
+except AttributeError:  # a loop made before the sanitizer was on
+    _g_loop = None
 if _g_loop is not None and _g_loop.ident != _g_ident():
     _g_off_loop({self}, {self}._sanitizer_record)
 """
@@ -92,7 +94,10 @@ if _g_loop is not None and _g_loop.ident != _g_ident():
 # the binding is noted here (where, in which task). Asked for under another loop, it
 # is reported first, before asyncio raises "is bound to a different event loop".
 _GET_LOOP = """\
-_g_record = {self}._sanitizer_record
+try:
+    _g_record = {self}._sanitizer_record
+except AttributeError:  # not tracked (made before the sanitizer was on)
+    _g_record = _g_untracked
 if _g_record.policy is not None and (_g_record.loop is None
                                      or _g_record.loop.ident != _g_ident()):
     _g_binding({self}, _g_record)
@@ -198,7 +203,7 @@ def _patch_loops(base: type, selector: type, context: Context) -> None:
 
     context.patch_class(base, LOOP_THREAD, LOOP_METHODS, make_record=make_record, own_only=True)
     context.patch_class(selector, LOOP_THREAD, SELECTOR_METHODS, own_only=True)
-    names = {"_g_ident": threading.get_ident, "_g_off_loop": _off_loop}
+    names = {"_g_ident": context.local.ident, "_g_off_loop": _off_loop}
     context.prologue(base, "_check_closed", _CHECK_CLOSED, names)
 
     def close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -301,8 +306,8 @@ def _patch_binding(mixin: type, context: Context) -> None:
             except Exception as exc:
                 context.internal_error(exc, "binding a primitive to its loop")
 
-    context.replace(mixin, "_sanitizer_record", UNTRACKED)  # for subclasses not tracked
-    names = {"_g_binding": binding, "_g_ident": threading.get_ident}
+    names = {"_g_binding": binding, "_g_ident": context.local.ident,
+             "_g_untracked": UNTRACKED}
     context.prologue(mixin, "_get_loop", _GET_LOOP, names)
 
 

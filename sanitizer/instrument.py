@@ -110,12 +110,12 @@ def patch_class(
 
     ``patch(owner, name, value)`` sets attributes (a Patcher, so that they can be
     restored). With ``make_record``, instances made from now on get a record in
-    ``__init__``; other instances keep the class-level UNTRACKED record and are
-    not checked. ``after_init(obj)`` runs after the original ``__init__`` (to read what
-    it set up, such as the loop the object keeps; it may run more than once per object).
+    ``__init__``; other instances have none and are not checked (the guards read a
+    missing record as UNTRACKED: a class-level default would slow every read of it).
+    ``after_init(obj)`` runs after the original ``__init__`` (to read what it set up,
+    such as the loop the object keeps; it may run more than once per object).
     """
-    if "_sanitizer_record" not in vars(cls):
-        patch(cls, "_sanitizer_record", UNTRACKED)
+    if "__sanitizer_policy__" not in vars(cls):
         patch(cls, "__sanitizer_policy__", policy)  # the guards are compiled for it
         for name, guard in guards(cls, policy, methods or public_methods(cls), RECORD,
                                   checks).items():
@@ -129,7 +129,11 @@ def patch_class(
         # Once per instance, however many __init__s of the hierarchy run. (Not by
         # reading self.__dict__: on 3.11+ that turns the instance's inline attribute
         # values into a dict for good, and every attribute access gets slower.)
-        if object.__getattribute__(self, "_sanitizer_record") is UNTRACKED:
+        try:
+            record = object.__getattribute__(self, "_sanitizer_record")
+        except AttributeError:
+            record = UNTRACKED
+        if record is UNTRACKED:
             try:
                 object.__setattr__(self, "_sanitizer_record", make_record(self))
             except AttributeError:  # no __dict__: stays untracked

@@ -17,14 +17,13 @@ import inspect
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sanitizer import inline, loops, stacks, threads
 from sanitizer.exceptions import ConfigError
-from sanitizer.ownership import FORKED, OwnerRecord, record_of
+from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, record_of
 from sanitizer.state import STATE
 
 if TYPE_CHECKING:
@@ -118,7 +117,10 @@ return {call}
 # frame of its own, so the hottest methods of asyncio cost a few attribute reads. A
 # coroutine's first statements run when it is awaited, as LOOP_AWAITED checks.
 LOOP_PROLOGUE = """\
-_g_record = {self}._sanitizer_record
+try:
+    _g_record = {self}._sanitizer_record
+except AttributeError:  # made before the sanitizer was on
+    _g_record = _g_untracked
 _g_loop = _g_record.loop
 if _g_loop is not None and _g_loop.ident != _g_ident():
     _g_slow({self}, _g_record, _g_operation, None)
@@ -165,14 +167,24 @@ return await {call}
 # the body's own, moved up.
 NOBLOCK = """\
 _g_me = _g_local.token
-if _g_me.loop is not None and _g_noblock.{kind} and _g_blocking_{kind}(
-        self, {record}, {operation!r}, None):
-    {hush}
-    try:
+if _g_me.loop is not None and _g_noblock.{kind}:
+    _g_record = {record}
+    if _g_blocking_{kind}(self, _g_record, {operation!r}, None):
+        {hush}
+        try:
 {quiet_body}
-    finally:
-        {unhush}
+        finally:
+            {unhush}
 """
+# Reading the record tolerates objects without one (made before the sanitizer was on;
+# a subclass whose __init__ skips its base's): untracked, never checked. Not a class-level
+# default record, which would make every read of the instance's own slower (3.11 does not
+# specialize an attribute whose class holds an instance of a Python class, 3.12+ any
+# attribute that shadows one of its class). A try costs nothing on 3.11+.
+_READS_RECORD = re.compile(r"^( *)_g_record = \{record\}$", re.MULTILINE)
+_TOLERANT_READ = (r"\1try:\n\1    _g_record = {record}\n"
+                  r"\1except AttributeError:\n\1    _g_record = _g_untracked")
+
 # The body's own token read, which NOBLOCK's takes over.
 _READS_TOKEN = re.compile(r"^_g_me = _g_local\.token\n", re.MULTILINE)
 
@@ -528,8 +540,8 @@ class LoopBound(Policy):
         if type(self).template_for is not LoopBound.template_for:
             return None  # a subclass with guards of its own (task)
         copy = inline.with_prologue(func, LOOP_PROLOGUE, {
-            "_g_ident": threading.get_ident, "_g_slow": _slow_path_for(self),
-            "_g_operation": operation})
+            "_g_ident": threads.get_ident, "_g_slow": _slow_path_for(self),
+            "_g_operation": operation, "_g_untracked": UNTRACKED})
         if copy is not None:
             copy.__sanitizer_policy__ = self  # type: ignore[attr-defined]
         return copy
@@ -740,7 +752,7 @@ def _noblock_template(body: str, kind: str) -> str:
     else:
         hush, unhush = "_g_me.quiet += 1", "_g_me.quiet -= 1"
     # Quiet, the body's slow paths find nothing to report: its report block is never run.
-    quiet = "".join(f"        {line}\n" for line in body.replace("{reported}", "pass")
+    quiet = "".join(f"            {line}\n" for line in body.replace("{reported}", "pass")
                     .splitlines())
     return NOBLOCK.replace("{kind}", kind).replace("{hush}", hush).replace(
         "{unhush}", unhush).replace("{quiet_body}\n", quiet) + body
@@ -910,7 +922,7 @@ def compile_guard(
              "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_unspan": unspan,
              "_g_hush": HUSH,
              "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
-             "_g_ident": threading.get_ident, **namespace}
+             "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED, **namespace}
     exec(_guard_module(template or policy.template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
     # Tracebacks show the code's name: the method's, not the shared source's.
@@ -937,6 +949,7 @@ def compile_guard(
 def _guard_module(template: str, call: str, params: str, record: str) -> CodeType:
     """Compiled once per shape: a class's methods mostly share a few parameter lists."""
     asynchronous = "await " in template
+    template = _READS_RECORD.sub(_TOLERANT_READ, template)
     reported = (REPORTED_ASYNC if asynchronous else REPORTED).format(call=call)
     reported = reported.replace("\n", "\n    ").rstrip()
     body = template.format(call=call, operation=_Name("_g_operation"), record=record,

@@ -7,7 +7,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sanitizer.state import STATE
 
@@ -71,13 +71,43 @@ def token_of(ident: int) -> ThreadToken | None:
 
 
 class _TokenLocal(threading.local):
+    """The Python core's per-thread token: ``local.token`` and ``local.ident()``, the
+    calling thread's token and ident. (_speedups.Local is the same in C.)"""
+
     # threading.local calls __init__ on first access in each thread, so the hot
     # path can read ``local.token`` without a miss check.
     def __init__(self) -> None:
         self.token = ThreadToken()
 
+    ident = staticmethod(threading.get_ident)
 
-local = STATE.local = _TokenLocal()
+
+class TokenLocal(Protocol):
+    """What both cores' per-thread object offers."""
+
+    token: ThreadToken
+
+    def ident(self) -> int: ...
+
+
+def _core() -> tuple[str, TokenLocal]:
+    """The C core if it built and is not turned off (SANITIZE_THREADS_CORE=python)."""
+    wanted = os.environ.get("SANITIZE_THREADS_CORE", "").strip().lower()
+    if wanted != "python":
+        try:
+            from sanitizer import _speedups  # type: ignore[attr-defined]
+        except ImportError:
+            pass
+        else:
+            return "c", cast(TokenLocal, _speedups.Local(ThreadToken))
+    return "python", _TokenLocal()
+
+
+#: Which core keeps the tokens ("c" or "python"), and the per-thread token itself.
+CORE, local = _core()
+STATE.local = local
+#: The calling thread's ident: threading.get_ident(), cheaper where the C core has it.
+get_ident: Callable[[], int] = local.ident
 
 
 def current() -> ThreadToken:

@@ -137,13 +137,26 @@ class TestThreadAffine:
 
     def test_class_is_untouched_while_disabled(self) -> None:
         assert Session.query.__qualname__ == "Session.query"
-        assert "_sanitizer_record" not in vars(Session)
+        assert "__sanitizer_policy__" not in vars(Session)
 
     def test_disable_restores_the_class(self, sanitized: Sanitized) -> None:
-        assert "_sanitizer_record" in vars(Session)
+        assert "__sanitizer_policy__" in vars(Session)
         sanitizer.disable()
-        assert "_sanitizer_record" not in vars(Session)
+        assert "__sanitizer_policy__" not in vars(Session)
         in_thread(Session().query)  # nothing to report, nothing raised
+
+    def test_an_instance_made_before_enabling_is_untracked_not_broken(
+            self, tmp_path: Path) -> None:
+        early = Session()  # no record: the class is patched after it was made
+        sanitizer.enable(log_file=str(tmp_path / "violations.jsonl"))
+        try:
+            assert in_thread(early.query) == "rows"
+            assert in_thread(lambda: list(early)) == [1]
+            assert sanitizer.violations() == []
+            in_thread(Session().query)  # positive control: one made now is tracked
+            assert [v.operation for v in sanitizer.violations()] == ["query"]
+        finally:
+            sanitizer.disable()
 
     def test_exclusive_allows_handoff_and_catches_overlap(self, sanitized: Sanitized) -> None:
         pool = Pool()

@@ -527,3 +527,42 @@ def test_where_methods_cannot_be_copied_wrappers_check_the_same(
     run(main)
     assert called == []
     assert found() == [("loop", "call_soon")]
+
+
+# -- objects made before the sanitizer was on -----------------------------------------------
+
+
+def test_a_loop_and_queue_made_before_enabling_run_unchecked(tmp_path: Path) -> None:
+    """They have no record (asyncio's classes are patched later): nothing breaks, nothing
+    is reported for them, and what is made afterwards is checked (the positive control)."""
+    if sanitizer.is_enabled():
+        sanitizer.disable()
+    loop = asyncio.new_event_loop()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    lock = asyncio.Lock()
+    sanitizer.enable(log_file=str(tmp_path / "violations.jsonl"))
+    try:
+        async def use() -> int:
+            async with lock:
+                queue.put_nowait(1)
+                loop.call_soon(lambda: None)
+                return await queue.get()
+
+        assert loop.run_until_complete(use()) == 1
+        in_worker(lambda: queue.put_nowait(2))  # off the loop's thread, but untracked
+        assert sanitizer.violations() == []
+
+        async def late() -> int:
+            made: asyncio.Queue[int] = asyncio.Queue()
+            getter = asyncio.ensure_future(made.get())
+            await asyncio.sleep(0)  # the getter waits: asyncio bound the queue to the loop
+            assert tracked(made).loop is not None
+            in_worker(lambda: made.put_nowait(2))  # reported
+            loop.call_soon_threadsafe(lambda: None)
+            return await getter
+
+        assert loop.run_until_complete(late()) == 2
+        assert [v.operation for v in sanitizer.violations()] == ["put_nowait"]
+    finally:
+        loop.close()
+        sanitizer.disable()
