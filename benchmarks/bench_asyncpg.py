@@ -1,17 +1,23 @@
-"""Overhead of a checked asyncpg call, ``await conn.fetchval("SELECT 1")``, against plain asyncpg.
+"""Overhead of a checked async database call over asyncpg, against the same call unchecked.
+
+Two calls (``--call``): asyncpg's own ``await conn.fetchval("SELECT 1")``, and
+SQLAlchemy's ``await session.execute(text("SELECT 1"))`` on an AsyncSession over
+asyncpg (``session``; its ``tracked`` variant checks the session, the
+AsyncConnection beneath and the asyncpg connection).
 
 A throwaway PostgreSQL is started the way the test suite starts it
 (tests/dbservers.py, imported). Three variants, each in a worker process of its
 own that keeps one connection: ``raw`` (the sanitizer off: nothing patched),
-``asyncio`` (the sanitizer on without the asyncpg plugin: the loop's own checks
-only, the connection untracked) and ``tracked`` (everything on: the connection's
+``asyncio`` (the sanitizer on without the asyncpg and SQLAlchemy plugins: the
+loop's own checks only, the connection untracked) and ``tracked`` (everything on: the connection's
 task guard too). The workers take turns, round after round, so that the load of
 the machine falls on all of them alike; each round is compared with raw's round of the
 same turn, and the median of those ratios is the result.
 
     python benchmarks/bench_asyncpg.py                # 600 rounds of 200 calls
     python benchmarks/bench_asyncpg.py --rounds 2000 --calls 100
-    python benchmarks/bench_asyncpg.py --instructions
+    python benchmarks/bench_asyncpg.py --instructions [--calls 1000] [--repeats 3]
+    python benchmarks/bench_asyncpg.py --instructions --call session
 
 ``--instructions`` counts instructions per call with valgrind's callgrind instead
 of timing (a program making N calls minus one making none, divided by N): the same
@@ -38,21 +44,46 @@ QUERY = "SELECT 1"
 
 # One variant's client: connects, then runs a round of N calls per line read, and
 # answers with the nanoseconds it took.
-WORKER = """
+# What one call is, by --call: asyncpg's own fetchval on one connection, or an
+# SQLAlchemy AsyncSession's execute over asyncpg (one session, kept open).
+SETUP = """
 import asyncio, os, sys, time
-variant = sys.argv[1]
+variant, call = sys.argv[1], sys.argv[2]
 if variant != "raw":
     import sanitizer
     sanitizer.enable(log_file=os.devnull,
-                     **({"plugins": "-asyncpg"} if variant == "asyncio" else {}))
+                     **({"plugins": "-asyncpg+-sqlalchemy"} if variant == "asyncio" else {}))
 import asyncpg
 from sanitizer.plugin import record_of
 QUERY = "SELECT 1"
 
+async def connect():
+    if call == "fetchval":
+        conn = await asyncpg.connect(os.environ["BENCH_DSN"])
+        assert (record_of(conn) is not None) == (variant == "tracked"), variant
+        return conn.fetchval, conn.close
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    dsn = os.environ["BENCH_DSN"].replace("postgresql://", "postgresql+asyncpg://", 1)
+    engine = create_async_engine(dsn)
+    session = AsyncSession(engine)
+    assert (record_of(session) is not None) == (variant == "tracked"), variant
+    statement = text(QUERY)
+
+    async def execute(_query):
+        return (await session.execute(statement)).scalar()
+
+    async def close():
+        await session.close()
+        await engine.dispose()
+    return execute, close
+"""
+
+# One variant's client: connects, then runs a round of N calls per line read, and
+# answers with the nanoseconds it took.
+WORKER = SETUP + """
 async def main():
-    conn = await asyncpg.connect(os.environ["BENCH_DSN"])
-    assert (record_of(conn) is not None) == (variant == "tracked"), variant
-    fetchval = conn.fetchval
+    fetchval, close = await connect()
     for _ in range(200):  # warm up: statement cache, codecs
         await fetchval(QUERY)
     print("ready", flush=True)
@@ -62,35 +93,28 @@ async def main():
         for _ in range(calls):
             await fetchval(QUERY)
         print(time.perf_counter_ns() - start, flush=True)
-    await conn.close()
+    await close()
 
 asyncio.run(main())
 """
 
 # The same for callgrind: CALLS calls, then exit.
-COUNTED = """
-import asyncio, os, sys
-variant, calls = sys.argv[1], int(sys.argv[2])
-if variant != "raw":
-    import sanitizer
-    sanitizer.enable(log_file=os.devnull,
-                     **({"plugins": "-asyncpg"} if variant == "asyncio" else {}))
-import asyncpg
-from sanitizer.plugin import record_of
-QUERY = "SELECT 1"
+COUNTED = SETUP + """
+calls = int(sys.argv[3])
 
 async def main():
-    conn = await asyncpg.connect(os.environ["BENCH_DSN"])
-    assert (record_of(conn) is not None) == (variant == "tracked"), variant
-    fetchval = conn.fetchval
+    fetchval, close = await connect()
     for _ in range(50):
         await fetchval(QUERY)
     for _ in range(calls):
         await fetchval(QUERY)
-    await conn.close()
+    await close()
 
 asyncio.run(main())
 """
+
+CALLS = {"fetchval": f"await conn.fetchval({QUERY!r})",
+         "session": f"await session.execute(text({QUERY!r})) (AsyncSession over asyncpg)"}
 
 
 @contextmanager
@@ -106,9 +130,9 @@ def postgresql() -> Iterator[str]:
         next(server, None)  # the fixture's teardown: stops the server, removes its files
 
 
-def timed(rounds: int, calls: int) -> None:
+def timed(rounds: int, calls: int, call: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANITIZE_THREADS")}
-    workers = {v: subprocess.Popen([sys.executable, "-c", WORKER, v],
+    workers = {v: subprocess.Popen([sys.executable, "-c", WORKER, v, call],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                    env=env, cwd=tempfile.gettempdir())
                for v in VARIANTS}
@@ -130,7 +154,7 @@ def timed(rounds: int, calls: int) -> None:
             if worker.stdin is not None:
                 worker.stdin.close()
             worker.wait(60)
-    print(f"await conn.fetchval({QUERY!r}) over loopback, {rounds} rounds of {calls:,} "
+    print(f"{CALLS[call]} over loopback, {rounds} rounds of {calls:,} "
           "calls: median per call, and the median ratio to raw's round of the same turn "
           "(quartiles):")
     base = statistics.median(per_call["raw"])
@@ -143,20 +167,25 @@ def timed(rounds: int, calls: int) -> None:
               f"x{statistics.median(ratios):.3f} ({spread[0]:.3f}-{spread[2]:.3f})")
 
 
-def instructions(calls: int) -> None:
-    def count(run: tuple[str, int]) -> tuple[int, int]:
-        variant, n = run
-        return callgrind.count(COUNTED, variant, str(n))
+def instructions(calls: int, repeats: int, call: str) -> None:
+    # A count still varies a little with the server's timing (a reply not there yet
+    # costs the client another turn of its loop), so each variant runs ``repeats``
+    # times and the median is kept; the spread is printed beside it.
+    def count(run: tuple[str, int, int]) -> tuple[int, int]:
+        variant, n, _ = run
+        return callgrind.count(COUNTED, variant, call, str(n))
 
-    runs = [(v, n) for v in VARIANTS for n in (0, calls)]
+    runs = [(v, n, r) for r in range(repeats) for v in VARIANTS for n in (0, calls)]
     counted = {run: found[0] for run, found in callgrind.all_of(runs, count).items()}
-    per_call = {v: (counted[v, calls] - counted[v, 0]) / calls for v in VARIANTS}
-    base = per_call["raw"]
-    print(f"await conn.fetchval({QUERY!r}): client instructions per call (callgrind; "
-          f"{calls:,} calls minus none):")
+    per_call = {v: sorted((counted[v, calls, r] - counted[v, 0, r]) / calls
+                          for r in range(repeats)) for v in VARIANTS}
+    base = statistics.median(per_call["raw"])
+    print(f"{CALLS[call]}: client instructions per call (callgrind; "
+          f"{calls:,} calls minus none; median of {repeats} runs, and their range):")
     for variant in VARIANTS:
-        print(f"  {variant:<8} {per_call[variant]:9.0f}  +{per_call[variant] - base:6.0f}  "
-              f"x{per_call[variant] / base:.3f}")
+        value = statistics.median(per_call[variant])
+        print(f"  {variant:<8} {value:9.0f}  +{value - base:6.0f}  x{value / base:.3f}  "
+              f"({per_call[variant][0]:.0f}-{per_call[variant][-1]:.0f})")
 
 
 def main() -> None:
@@ -165,13 +194,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions with callgrind instead of timing")
+    parser.add_argument("--call", choices=sorted(CALLS), default="fetchval")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="--instructions: runs per variant (the median is kept)")
     args = parser.parse_args()
     with postgresql() as dsn:
         os.environ["BENCH_DSN"] = dsn  # for the workers: never on a command line
         if args.instructions:
-            instructions(min(args.calls, 2000))
+            instructions(min(args.calls, 2000), args.repeats, args.call)
         else:
-            timed(args.rounds, args.calls)
+            timed(args.rounds, args.calls, args.call)
 
 
 if __name__ == "__main__":

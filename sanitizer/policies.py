@@ -138,7 +138,9 @@ _g_loop = _g_record.loop
 if _g_loop is not None and _g_loop is not _g_me.loop and _g_slow(
         self, _g_record, {operation!r}, None):
     {reported}
-_g_task = _g_current_task(_g_me)
+_g_task = _g_me.running_loop
+if _g_task is not None:  # loops.current_task(), without its frame
+    _g_task = _g_state.tasks.current(_g_task) if _g_state.tasks is not None else None
 _g_holder = _g_record.task
 if _g_holder is None or _g_holder is _g_task:
     _g_record.task = _g_task
@@ -919,7 +921,7 @@ def compile_guard(
 ) -> FunctionType:
     scope = {"_g_local": threads.local, "_g_slow": _slow_path_for(policy), "_g_policy": policy,
              "_g_operation": operation, "_g_awaited": _awaited_check_for(policy),
-             "_g_current_task": loops.current_task, "_g_spans": SPANS, "_g_unspan": unspan,
+             "_g_state": STATE, "_g_spans": SPANS, "_g_unspan": unspan,
              "_g_hush": HUSH,
              "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
              "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED, **namespace}
