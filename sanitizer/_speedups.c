@@ -26,20 +26,60 @@ typedef struct {
 #endif
 } LocalObject;
 
+/* Note ``slot`` as the calling thread's (the thread state ``id``). */
+static void
+remember(LocalObject *self, PyObject *slot, uint64_t id)
+{
+#ifndef Py_GIL_DISABLED
+    Py_INCREF(slot);
+    Py_XSETREF(self->cached, slot);
+    self->cached_id = id;
+#else
+    (void)self, (void)slot, (void)id;  /* no shared cache without the GIL */
+#endif
+}
+
+/* Store (token, ident) as the calling thread's slot in its ``dict``: a borrowed
+ * reference (the dict holds it), or NULL with an exception set. */
+static PyObject *
+store(LocalObject *self, PyObject *dict, PyObject *token)
+{
+    PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (ident == NULL) {
+        return NULL;
+    }
+    PyObject *slot = PyTuple_Pack(2, token, ident);
+    Py_DECREF(ident);
+    if (slot == NULL) {
+        return NULL;
+    }
+    int failed = PyDict_SetItem(dict, self->key, slot);
+    Py_DECREF(slot);
+    return failed ? NULL : slot;
+}
+
+static PyObject *
+thread_dict(void)
+{
+    PyObject *dict = PyThreadState_GetDict();
+    if (dict == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sanitizer: no thread state dict");
+    }
+    return dict;
+}
+
 /* The calling thread's (token, ident) slot, made on first use: a borrowed reference. */
 static PyObject *
 slot_of(LocalObject *self)
 {
-    PyThreadState *tstate = PyThreadState_Get();
+    uint64_t id = PyThreadState_GetID(PyThreadState_Get());
 #ifndef Py_GIL_DISABLED
-    uint64_t id = PyThreadState_GetID(tstate);
     if (self->cached != NULL && self->cached_id == id) {
         return self->cached;
     }
 #endif
-    PyObject *dict = PyThreadState_GetDict();
+    PyObject *dict = thread_dict();
     if (dict == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "sanitizer: no thread state dict");
         return NULL;
     }
     PyObject *slot = PyDict_GetItemWithError(dict, self->key);
@@ -51,28 +91,13 @@ slot_of(LocalObject *self)
         if (token == NULL) {
             return NULL;
         }
-        PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-        if (ident == NULL) {
-            Py_DECREF(token);
-            return NULL;
-        }
-        slot = PyTuple_Pack(2, token, ident);
+        slot = store(self, dict, token);
         Py_DECREF(token);
-        Py_DECREF(ident);
         if (slot == NULL) {
             return NULL;
         }
-        int failed = PyDict_SetItem(dict, self->key, slot);
-        Py_DECREF(slot);  /* the dict holds it */
-        if (failed) {
-            return NULL;
-        }
     }
-#ifndef Py_GIL_DISABLED
-    Py_INCREF(slot);
-    Py_XSETREF(self->cached, slot);
-    self->cached_id = id;
-#endif
+    remember(self, slot, id);
     return slot;
 }
 
@@ -93,30 +118,13 @@ local_set_token(LocalObject *self, PyObject *token, void *closure)
         PyErr_SetString(PyExc_AttributeError, "the token cannot be deleted");
         return -1;
     }
-    PyObject *dict = PyThreadState_GetDict();
-    if (dict == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "sanitizer: no thread state dict");
-        return -1;
-    }
-    PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (ident == NULL) {
-        return -1;
-    }
-    PyObject *slot = PyTuple_Pack(2, token, ident);
-    Py_DECREF(ident);
+    PyObject *dict = thread_dict();
+    PyObject *slot = dict == NULL ? NULL : store(self, dict, token);
     if (slot == NULL) {
         return -1;
     }
-    int failed = PyDict_SetItem(dict, self->key, slot);
-#ifndef Py_GIL_DISABLED
-    if (!failed) {
-        Py_INCREF(slot);
-        Py_XSETREF(self->cached, slot);
-        self->cached_id = PyThreadState_GetID(PyThreadState_Get());
-    }
-#endif
-    Py_DECREF(slot);
-    return failed ? -1 : 0;
+    remember(self, slot, PyThreadState_GetID(PyThreadState_Get()));
+    return 0;
 }
 
 /* METH_FASTCALL rather than METH_NOARGS: CPython 3.12+ specializes calls of fastcall

@@ -92,8 +92,9 @@ return {call}
 
 # The object belongs to the loop it is bound to (``record.loop``; None: unbound,
 # anything goes). Used in the thread running that loop, which is all a correct
-# program does, it costs a get_ident() call: cheaper than reading the thread-local
-# token (``loop.ident`` is the ident of the thread running it, None when idle).
+# program does, it costs an ident() call (threads.get_ident: the C core's cached
+# ident, else threading.get_ident) and a compare (``loop.ident`` is the ident of the
+# thread running it, None when idle).
 LOOP = """\
 _g_record = {record}
 _g_loop = _g_record.loop

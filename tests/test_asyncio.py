@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Sanitized
-from support import found, line_of, line_of_file, run_program, tracked
+from support import found, line_of, line_of_file, run_program, started, tracked
 
 import sanitizer
 
@@ -20,16 +20,7 @@ HERE = str(Path(__file__).resolve())
 
 def in_worker(target: Callable[[], Any]) -> dict[str, Any]:
     """Run ``target`` in a plain thread (no loop there) and wait; its result or error."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = target()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="worker")
-    thread.start()
+    thread, outcome = started(target, "worker")
     thread.join(10)
     assert not thread.is_alive()
     return outcome
