@@ -205,14 +205,14 @@ def _install_base(base: ModuleType, context: Context) -> None:
         result = wrapped(*args, **kwargs)
         record = record_of(instance)
         if record is not None:
-            record.sharing += 1
+            record.share()
         return result
 
     def dec(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = wrapped(*args, **kwargs)  # raises below zero: then nothing to mirror
         record = record_of(instance)
-        if record is not None and record.sharing > 0:
-            record.sharing -= 1
+        if record is not None:
+            record.unshare()
         return result
 
     context.wrap(cls, "inc_thread_sharing", inc)

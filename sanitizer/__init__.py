@@ -119,11 +119,11 @@ def shared(obj: object) -> Iterator[None]:
     if record is None:
         yield
         return
-    record.sharing += 1
+    record.share()
     try:
         yield
     finally:
-        record.sharing -= 1
+        record.unshare()
 
 
 def violations() -> list[Violation]:

@@ -46,6 +46,7 @@ class Sanitizer:
         from sanitizer import forward
 
         self._saved = STATE.save()
+        STATE.history = self.options.history  # before any guard is compiled
         forward.install(self.reporter)  # a collecting parent announced: children forward to it
         policies.connect(self.reporter.report)  # the guards' sink
         for plugin in self.plugins:
@@ -168,11 +169,7 @@ class Sanitizer:
         except Exception as exc:
             reporter.internal_error(exc, "writing the exit summary")
         try:
-            if reporter.total and self.options.log_file:
-                reporter.logger.info(
-                    "thread_affinity_summary", total=reporter.total,
-                    violations=[{"summary": v.summary, "count": v.count}
-                                for v in reporter.unique_violations()])
+            reporter.log_summary()
         except Exception as exc:
             reporter.internal_error(exc, "logging the exit summary")
         code = self.options.exitcode

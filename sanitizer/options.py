@@ -12,6 +12,7 @@ from sanitizer.exceptions import ConfigError
 ENV_VAR = "SANITIZE_THREADS"
 ACTIONS = ("log", "warn", "raise")
 FORMATS = ("json", "console")
+SINKS = ("output", "logging")
 ON_WORDS = ("1", "on", "true", "yes")
 OFF_WORDS = ("", "0", "off", "false", "no")
 HELP_WORDS = ("help",)
@@ -34,6 +35,8 @@ class Options:
     track: tuple[str, ...] = ()  # "pkg.mod:Name" or "pkg.mod:Name@policy"
     include_args: bool = False
     plugin_options: tuple[tuple[str, str], ...] = ()  # "plugin.key=value" items
+    sink: tuple[str, ...] = ("output",)  # output: log_file or stderr; logging: the logging module
+    history: int = 0  # accesses kept per object for the HTML timeline (costs on the hot path)
 
     def plugin_enabled(self, name: str) -> bool:
         wanted = [p for p in self.plugins if not p.startswith("-")]
@@ -62,12 +65,15 @@ class Options:
 # -- converters: each accepts the string form and the natural Python form ----------
 
 
-def _actions(value: Any) -> tuple[str, ...]:
-    words = value.split("+") if isinstance(value, str) else list(value)
-    words = [w.strip() for w in words if w.strip()]
-    if not words or any(w not in ACTIONS for w in words):
-        raise ValueError(f"one or more of {', '.join(ACTIONS)} joined by '+'")
-    return tuple(dict.fromkeys(words))
+def _words(*choices: str) -> Callable[[Any], tuple[str, ...]]:
+    """One or more of ``choices`` joined by '+' (or a sequence of them)."""
+    def convert(value: Any) -> tuple[str, ...]:
+        words = value.split("+") if isinstance(value, str) else list(value)
+        words = [w.strip() for w in words if w.strip()]
+        if not words or any(w not in choices for w in words):
+            raise ValueError(f"one or more of {', '.join(choices)} joined by '+'")
+        return tuple(dict.fromkeys(words))
+    return convert
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -143,7 +149,7 @@ class Spec:
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("action", ("log",), _actions,
+    Spec("action", ("log",), _words(*ACTIONS),
          "what to do on a violation: log, warn, raise; several joined by '+'", "log+warn+raise"),
     Spec("log_file", None, _optional_text,
          "append JSON lines to this file instead of writing to stderr", "PATH"),
@@ -163,6 +169,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("include_args", False, _bool,
          "log call arguments such as SQL text and parameters (off: they may hold data)",
          "0|1"),
+    Spec("sink", ("output",), _words(*SINKS),
+         "where reports go: output (log_file or stderr), logging (WARNING on the 'sanitizer' "
+         "logger, the record in extra), or both joined by '+'", "output+logging"),
+    Spec("history", 0, _int(0, 10_000),
+         "keep each object's last N accesses for the HTML timeline (0: off; costs per call)",
+         "N"),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 DEFAULTS = Options()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
+import time
 import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,10 @@ FORKED = _Sentinel("FORKED")  # the record was inherited across fork()
 NEVER = _Sentinel("NEVER")  # the object is not tracked
 
 
+#: Changes of hands remembered per record (transfers, sharing windows).
+STORY_LIMIT = 64
+
+
 class OwnerRecord:
     """One per tracked object; objects derived from it (cursors, blobs) share it."""
 
@@ -49,8 +55,10 @@ class OwnerRecord:
         "_type",
         "binding",
         "busy",
+        "created",
         "creation_stack",
         "depth",
+        "history",
         "loop",
         "name",
         "object_id",
@@ -62,6 +70,7 @@ class OwnerRecord:
         "policy",
         "resource",
         "sharing",
+        "story",
         "task",
     )
 
@@ -87,6 +96,14 @@ class OwnerRecord:
         self.creation_stack = creation_stack
         self.busy: object = None
         self.sharing = 0
+        # -- for the HTML timeline: set here and on cold paths only, but ``history`` --
+        self.created = time.time()
+        #: Transfers and sharing windows: (time, what, thread token), see note().
+        self.story: list[tuple[float, str, threads.ThreadToken]] | None = None
+        #: The last accesses, (thread token, time, (code, offset)) each, when the
+        #: ``history`` option keeps them (guards append; a deque drops the oldest).
+        self.history: collections.deque[tuple[Any, float, stacks.Frame]] | None = (
+            collections.deque(maxlen=STATE.history) if STATE.history else None)
         # -- event loops (loops.py): all None/0 for objects that never meet one --
         #: The LoopToken the object is bound to (the loop policy), or None: unbound.
         self.loop: LoopToken | None = None
@@ -119,7 +136,30 @@ class OwnerRecord:
             me = threads.local.token
             self.binding = Binding(stack, me, loops.describe_task(loops.current_task(me)))
 
+    def note(self, what: str) -> None:
+        """Remember a change of hands (``transfer``, ``shared``, ``unshared``) for the
+        timeline: the first STORY_LIMIT, then only the last one is replaced."""
+        entry = (time.time(), what, threads.local.token)
+        story = self.story
+        if story is None:
+            self.story = [entry]
+        elif len(story) < STORY_LIMIT:
+            story.append(entry)
+        else:
+            story[-1] = entry
+
+    def share(self) -> None:
+        """Other threads may use the object until the matching unshare() (counted)."""
+        self.sharing += 1
+        self.note("shared")
+
+    def unshare(self) -> None:
+        if self.sharing > 0:
+            self.sharing -= 1
+            self.note("unshared")
+
     def transfer_to_current_thread(self) -> None:
+        self.note("transfer")
         owner = self.owner = threads.local.token
         self.owner_context = threads.describe_current()
         self.pid = owner.pid

@@ -17,6 +17,7 @@ import inspect
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -190,6 +191,22 @@ _TOLERANT_READ = (r"\1try:\n\1    _g_record = {record}\n"
 
 # The body's own token read, which NOBLOCK's takes over.
 _READS_TOKEN = re.compile(r"^_g_me = _g_local\.token\n", re.MULTILINE)
+
+# Put before every body when the ``history`` option is on: the record keeps this
+# access (thread, time, the first caller frame that is not the sanitizer's) in its
+# bounded deque. Off, guards are compiled without it and cost nothing more.
+HISTORY = """\
+try:
+    _g_history = {record}.history
+except AttributeError:
+    _g_history = None
+if _g_history is not None:
+    _g_f = _g_frame(1)
+    while _g_kinds.get(_g_f.f_code.co_filename) == 1 and _g_f.f_back is not None:
+        _g_f = _g_f.f_back  # stacks.INTERNAL: a proxy, a wrapt wrapper
+    _g_history.append((_g_local.token, _g_clock(), (_g_f.f_code, _g_f.f_lasti)))
+"""
+assert stacks.INTERNAL == 1
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
@@ -925,8 +942,13 @@ def compile_guard(
              "_g_state": STATE, "_g_spans": SPANS, "_g_unspan": unspan,
              "_g_hush": HUSH,
              "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
-             "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED, **namespace}
-    exec(_guard_module(template or policy.template, call, params, record), scope)
+             "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED,
+             "_g_frame": sys._getframe, "_g_clock": time.time, "_g_kinds": STATE.kinds,
+             **namespace}
+    template = template or policy.template
+    if STATE.history:
+        template = HISTORY + template
+    exec(_guard_module(template, call, params, record), scope)
     guard: FunctionType = scope["_g_guard"]
     # Tracebacks show the code's name: the method's, not the shared source's.
     if sys.version_info >= (3, 11):

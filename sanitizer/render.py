@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import threading
@@ -12,6 +13,19 @@ from sanitizer import stacks
 from sanitizer.options import Options
 
 EVENT = "thread_affinity_violation"
+#: At exit, one per process that reported: each kind's count, times and threads.
+SUMMARY_EVENT = "thread_affinity_summary"
+#: The version of the events' fields (README, "Event fields"). Readers of a log
+#: (logs.py) read what they know of a newer one and say so once.
+SCHEMA = 1
+#: This machine, as events name it: logs from several hosts are merged.
+HOST = os.uname().nodename
+
+
+def iso(seconds: float) -> str:
+    """A ``time.time()`` as the events' timestamps are written: ISO 8601, UTC, with Z."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class OwnDescriptor:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -17,10 +19,23 @@ from sanitizer.exceptions import ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
 from sanitizer.ownership import FORKED, NEVER, OwnerRecord, qualified_type
 from sanitizer.policies import RESERVED_PREFIX, Policy
-from sanitizer.render import EVENT, LineWriter, build_logger, open_output
+from sanitizer.render import (
+    EVENT,
+    HOST,
+    SCHEMA,
+    SUMMARY_EVENT,
+    LineWriter,
+    build_logger,
+    iso,
+    open_output,
+)
 from sanitizer.suppressions import Rule, load_suppressions
 
 _FINALIZER_CODES = {weakref.finalize.__call__.__code__}
+
+#: Occurrences of one kind whose time and thread are kept (for the HTML timeline);
+#: the count goes on past it.
+OCCURRENCE_LIMIT = 1000
 
 
 @dataclasses.dataclass
@@ -66,6 +81,18 @@ class Violation:
     after_the_fact: bool = False
     #: How to fix it, where an integration knows (the pytest plugin: loop scopes).
     hint: str | None = None
+    # -- for the timeline (cold path only) --
+    #: When this occurrence happened (time.time()), and when the object was made.
+    at: float = 0.0
+    created_at: float = 0.0
+    #: The object's changes of hands (OwnerRecord.note) and last accesses (``history``).
+    story: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: Of the first of a kind (Dedup): every occurrence's (time, thread, task), the
+    #: first OCCURRENCE_LIMIT, and the last one's time.
+    occurrences: list[tuple[float, dict[str, Any], dict[str, Any] | None]] = dataclasses.field(
+        default_factory=list, repr=False)
+    last_at: float = 0.0
 
     @property
     def creation_site(self) -> stacks.Frame | None:
@@ -85,20 +112,54 @@ class Violation:
                 where(self.access_site))
 
     @property
+    def fingerprint(self) -> str:
+        """The key as 16 hex digits: the same kind has the same one in every process."""
+        return hashlib.sha1(repr(self.key).encode(), usedforsecurity=False).hexdigest()[:16]
+
+    def occurred(self, other: Violation) -> None:
+        """Count ``other``, an occurrence of this kind (this one's own included)."""
+        if len(self.occurrences) < OCCURRENCE_LIMIT:
+            self.occurrences.append((other.at, other.thread, other.task))
+        self.last_at = max(self.last_at, other.at)
+
+    def tally(self) -> dict[str, Any]:
+        """This kind's entry in the exit summary event."""
+        threads_seen = {}
+        for _, thread, _task in self.occurrences:
+            threads_seen.setdefault(thread.get("serial"), thread)
+        return {
+            "fingerprint": self.fingerprint,
+            "summary": self.summary,
+            "count": self.count,
+            "first_at": iso(self.at),
+            "last_at": iso(self.last_at or self.at),
+            "threads": list(threads_seen.values()),
+            "occurrences": [{"at": iso(at), "thread": thread.get("serial"),
+                             **({"task": task.get("name")} if task else {})}
+                            for at, thread, task in self.occurrences],
+        }
+
+    @property
     def summary(self) -> str:
         return f"thread-affinity ({self.policy}) {stacks.describe_site(self.access_site)}"
 
     def event(self) -> dict[str, Any]:
         """The JSON fields, in a stable order, without timestamp and level (structlog adds them)."""
         fields: dict[str, Any] = {
+            "schema": SCHEMA,
+            "fingerprint": self.fingerprint,
             "policy": self.policy,
             "object_type": self.object_type,
             "object_id": f"{self.object_id:#x}",
             "operation": self.operation,
             "owner_thread": self.owner_thread,
             "thread": self.thread,
+            "host": HOST,
             "pid": self.pid,
             "owner_pid": self.owner_pid,
+            "created_at": iso(self.created_at),
+            "access_site": _site_dict(self.access_site),
+            "creation_site": _site_dict(self.creation_site),
             "creation_stack": stacks.as_dicts(self.creation_stack),
             "access_stack": stacks.as_dicts(self.access_stack),
             "count": self.count,
@@ -124,9 +185,15 @@ class Violation:
             "bound_task": self.bound_task,
             "after_the_fact": self.after_the_fact,
             "hint": self.hint,
+            "story": self.story,
+            "history": self.history,
         }
         fields.update((k, v) for k, v in optional.items() if v)
         return fields
+
+
+def _site_dict(frame: stacks.Frame | None) -> dict[str, object] | None:
+    return stacks.frame_dict(frame) if frame is not None else None
 
 
 # -- building one ---------------------------------------------------------------------
@@ -185,11 +252,24 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         bound_stack=binding.stack if binding is not None else (),
         bound_task=binding.task if binding is not None else None,
         after_the_fact=policy.after_the_fact,
+        at=time.time(),
+        created_at=record.created,
+        story=[{"at": iso(at), "what": what, "thread": who.as_dict()}
+               for at, what, who in record.story or ()],
+        history=_history(record),
     )
     if options.include_args:
         violation.args = quote_args(_guard_arguments(caller))
     violation.message = policy.describe(violation, record, token)
     return violation
+
+
+def _history(record: OwnerRecord) -> list[dict[str, Any]]:
+    """The record's last accesses (the ``history`` option), oldest first."""
+    if not record.history:
+        return []
+    return [{"at": iso(at), "thread": who.as_dict(), "site": stacks.frame_dict(site)}
+            for who, at, site in list(record.history)]
 
 
 def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
@@ -262,6 +342,7 @@ class Dedup:
                 seen.count += 1
             else:
                 self.unique[violation.key] = violation
+            (seen or violation).occurred(violation)
             self.total += 1
         occurrence.kind = seen or violation
         occurrence.first = seen is None
@@ -435,6 +516,15 @@ class Reporter:
             lines.append(f"sanitizer: {self.output.lost} report(s) could not be written "
                          f"to {self.output.name}")
         return lines
+
+    def log_summary(self) -> None:
+        """At exit, for the machines: each kind's count, times and threads, in the log
+        (a JSON log, or any log file), by which readers (logs.py) merge processes."""
+        if not self.total or not (self.options.log_file or self._format == "json"):
+            return
+        self.logger.info(SUMMARY_EVENT, schema=SCHEMA, host=HOST, pid=os.getpid(),
+                         total=self.total, lost=self.output.lost,
+                         violations=[v.tally() for v in self.unique_violations()])
 
     def write_summary(self, lines: list[str]) -> None:
         """The exit summary, to stderr, by the same checked path as reports; never raises."""

@@ -74,6 +74,8 @@ class State:
         self.noblock = Blocking()
         #: Plugins' "the library checked this blocking call itself" (Context.excuse_blocking).
         self.blocking_excuses: list[Callable[[], bool]] = []
+        #: Accesses each new record keeps (the ``history`` option; 0: none).
+        self.history = 0
         #: Per thread: the record that objects recorded now join (Context.deriving).
         self.deriving = threading.local()
         # -- caches of the above, cleared whenever it changes --
@@ -100,7 +102,7 @@ class State:
                 "library_prefixes": list(self.library_prefixes),
                 "boundaries": list(self.boundaries), "tasks": self.tasks,
                 "noblock": dataclasses.astuple(self.noblock),
-                "blocking_excuses": list(self.blocking_excuses)}
+                "blocking_excuses": list(self.blocking_excuses), "history": self.history}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Put the configuration back as save() found it."""
@@ -113,6 +115,7 @@ class State:
         # In place: guards hold the object.
         self.noblock.network, self.noblock.local = saved["noblock"]
         self.blocking_excuses = saved["blocking_excuses"]
+        self.history = saved["history"]
         self.kinds.clear()
         self.library_cache.clear()
 

@@ -125,8 +125,8 @@ class TestTheProgramsDescriptors:
         assert app_files(tmp_path) == EXPECTED_FILES
         events = [json.loads(line) for line in proc.stderr.splitlines()
                   if line.startswith("{")]
-        assert [(e["event"], e["operation"]) for e in events] == [
-            ("thread_affinity_violation", "execute")]
+        assert [(e["event"], e.get("operation")) for e in events] == [
+            ("thread_affinity_violation", "execute"), ("thread_affinity_summary", None)]
         assert "1 x thread-affinity (strict)" in " ".join(proc.stderr.split())
         assert_quiet(proc.stderr)
 
