@@ -33,11 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-m", dest="module", help="run a library module as a script")
     run.add_argument("program", nargs=argparse.REMAINDER, help="script.py [ARGS...]")
     commands.add_parser("help", help="describe every option and its default")
+    # Commands that read logs: each module adds its own parser, with a ``handler``.
+    from sanitizer import htmlreport, textreport
+
+    textreport.add_parser(commands)
+    htmlreport.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        code: int = handler(args)
+        return code
     if args.command == "help":
         print(opts.help_text())
         return 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import linecache
 import os
 import site
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import CodeType, FrameType
 
 import wrapt
@@ -201,3 +203,58 @@ def describe_site(frame: Frame | None) -> str:
         return "<unknown>"
     info = frame_dict(frame)
     return f"{info['file']}:{info['line']} in {info['function']}"
+
+
+# -- reading stacks back (the console report, logs.py, the HTML report) -----------------
+
+
+def library_of(filename: str) -> str | None:
+    """The name of the library a frame's file belongs to ("django", "the standard
+    library"), or None for the user's own code."""
+    if not is_library_file(filename):
+        return None
+    for base in sorted(INSTALLED_DIRS, key=len, reverse=True):
+        if filename.startswith(base):
+            rest = filename[len(base):]
+            if "site-packages" in base or "dist-packages" in base:
+                return rest.split(os.sep, 1)[0].removesuffix(".py")
+            return "the standard library"
+    for prefix in STATE.library_prefixes:
+        if prefix in filename:
+            return prefix.strip(os.sep + "<").split(os.sep)[0].removesuffix(".py")
+    return "a library"
+
+
+@dataclasses.dataclass
+class Run:
+    """Consecutive frames of one library (``library``), or of the user's code (None)."""
+
+    library: str | None
+    frames: list[dict[str, object]]
+
+
+def fold(stack: Sequence[dict[str, object]]) -> list[Run]:
+    """A stack (frame dicts, innermost first) as runs of user frames and library frames:
+    renderers show a library run of more than one frame folded ("... 7 frames in django")."""
+    runs: list[Run] = []
+    for frame in stack:
+        library = library_of(str(frame.get("file", "")))
+        if runs and runs[-1].library == library:
+            runs[-1].frames.append(frame)
+        else:
+            runs.append(Run(library, [frame]))
+    return runs
+
+
+def source_lines(filename: str, line: int, context: int = 0) -> list[tuple[int, str]]:
+    """``(number, text)`` of ``line`` and ``context`` lines either side, read from the
+    file if it exists here (empty when it does not: a log read on another machine)."""
+    if not filename or filename.startswith("<") or line <= 0:
+        return []
+    found = []
+    for number in range(max(1, line - context), line + context + 1):
+        text = linecache.getline(filename, number)
+        if not text and number >= line:
+            break
+        found.append((number, text.rstrip("\n")))
+    return found if any(n == line for n, _ in found) else []
