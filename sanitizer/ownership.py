@@ -100,9 +100,9 @@ class OwnerRecord:
         self.created = time.time()
         #: Transfers and sharing windows: (time, what, thread token), see note().
         self.story: list[tuple[float, str, threads.ThreadToken]] | None = None
-        #: The last accesses, (thread token, time, (code, offset)) each, when the
+        #: The last accesses, (thread token, time, code, offset) each, when the
         #: ``history`` option keeps them (guards append; a deque drops the oldest).
-        self.history: collections.deque[tuple[Any, float, stacks.Frame]] | None = (
+        self.history: collections.deque[tuple[Any, float, Any, int]] | None = (
             collections.deque(maxlen=STATE.history) if STATE.history else None)
         # -- event loops (loops.py): all None/0 for objects that never meet one --
         #: The LoopToken the object is bound to (the loop policy), or None: unbound.

@@ -204,7 +204,7 @@ if _g_history is not None:
     _g_f = _g_frame(1)
     while _g_kinds.get(_g_f.f_code.co_filename) == 1 and _g_f.f_back is not None:
         _g_f = _g_f.f_back  # stacks.INTERNAL: a proxy, a wrapt wrapper
-    _g_history.append((_g_local.token, _g_clock(), (_g_f.f_code, _g_f.f_lasti)))
+    _g_history.append((_g_local.token, _g_clock(), _g_f.f_code, _g_f.f_lasti))
 """
 assert stacks.INTERNAL == 1
 

@@ -268,8 +268,8 @@ def _history(record: OwnerRecord) -> list[dict[str, Any]]:
     """The record's last accesses (the ``history`` option), oldest first."""
     if not record.history:
         return []
-    return [{"at": iso(at), "thread": who.as_dict(), "site": stacks.frame_dict(site)}
-            for who, at, site in list(record.history)]
+    return [{"at": iso(at), "thread": who.as_dict(), "site": stacks.frame_dict((code, offset))}
+            for who, at, code, offset in list(record.history)]
 
 
 def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
