@@ -175,6 +175,8 @@ class _Merger:
     def __init__(self) -> None:
         self.reading = Reading(findings=[])
         self.by_fingerprint: dict[str, Finding] = {}
+        # Applied at the end: files may come in any order, a summary before its events.
+        self.summaries: list[dict[str, Any]] = []
 
     def line(self, line: str) -> None:
         if not line.strip():
@@ -195,7 +197,10 @@ class _Merger:
             if name == EVENT:
                 self.violation(event)
             else:
-                self.summary(event)
+                _process(event)
+                if not isinstance(event.get("violations") or [], list):
+                    raise TypeError("violations")
+                self.summaries.append(event)
         except (TypeError, ValueError, AttributeError, KeyError):
             self.reading.skipped["a sanitizer event with malformed fields"] += 1
             return
@@ -238,6 +243,11 @@ class _Merger:
                         {**occurrence, "host": process[0], "pid": process[1]})
 
     def finish(self) -> Reading:
+        for summary in self.summaries:
+            try:
+                self.summary(summary)
+            except (TypeError, ValueError, AttributeError, KeyError):
+                self.reading.skipped["a sanitizer event with malformed fields"] += 1
         findings = list(self.by_fingerprint.values())
         for finding in findings:
             finding.occurrences.sort(key=lambda o: str(o.get("at", "")))
