@@ -180,11 +180,11 @@ def build(finding: Finding) -> Timeline:
         if at is None:
             continue
         serial = occurrence.get("thread")
+        known = threads.get(serial) if isinstance(serial, int) else None
         task = _task_name(occurrence.get("task"))
         lane = (line.lane_of_task(task) if task
-                else line.lane_of_thread(threads.get(serial), serial))
-        who = f"task '{task}'" if task else thread_label(threads.get(serial) or
-                                                         {"serial": serial})
+                else line.lane_of_thread(known, serial))
+        who = f"task '{task}'" if task else thread_label(known or {"serial": serial})
         violation_times.append(at)
         line.marks.append(Mark(lane, at, "violation",
                                f"{event.get('policy')} violation at {occurrence.get('at')} "
@@ -278,11 +278,11 @@ def _iso(seconds: float) -> str:
 def _ticks(span: float) -> float:
     """A round tick step giving about five ticks over ``span`` seconds."""
     raw = span / 5
-    power = 10 ** math.floor(math.log10(raw))
+    power: float = 10.0 ** math.floor(math.log10(raw))
     for step in (1, 2, 5, 10):
         if raw <= step * power:
-            return step * power
-    return 10 * power  # pragma: no cover - the loop always returns
+            return float(step * power)
+    return 10.0 * power  # pragma: no cover - the loop always returns
 
 
 def _duration(seconds: float) -> str:
