@@ -30,8 +30,13 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-deps $(SOURCES)
 
 install: $(VENV)/.stamp-install
 
+# The demo's JSON run is saved (with history=8) and written as an HTML report.
+DEMO_REPORT ?= demo-report
 demo: install
-	$(PY) examples/demo.py
+	DEMO_LOG=build/demo/violations.jsonl $(PY) examples/demo.py
+	@echo
+	$(VENV)/bin/sanitize-threads html build/demo/violations.jsonl -o $(DEMO_REPORT) \
+	  --title "make demo: examples/flask_style_app.py"
 
 # The entry-script pytest, not `python -m pytest`: that would put the source
 # tree (which has no sanitizer.plugins) ahead of the installed wheel.

@@ -22,9 +22,17 @@ def main() -> int:
         return result.returncode
     print("\nThe same run as JSON lines (for machines): SANITIZE_THREADS=format=json\n",
           flush=True)
-    env["SANITIZE_THREADS"] = "format=json"
+    # With DEMO_LOG (make demo sets it) this run also keeps each object's last accesses
+    # and its JSON lines are saved there, for the HTML report.
+    log = os.environ.get("DEMO_LOG")
+    env["SANITIZE_THREADS"] = "format=json,history=8" if log else "format=json"
     json_run = subprocess.run([sys.executable, str(app)], env=env, capture_output=True,
                               text=True)
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        # Only the JSON lines: the exit summary for people goes to stderr too.
+        Path(log).write_text("".join(line for line in json_run.stderr.splitlines(True)
+                                     if line.startswith("{")))
     print(json_run.stderr.splitlines()[0][:400] + " ...")
     if json_run.returncode != 0:
         return json_run.returncode
