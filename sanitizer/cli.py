@@ -116,11 +116,12 @@ def _run(module: str | None, program: list[str]) -> int:
 
 def _compile_script(path: str) -> types.CodeType | int:
     """The script's code, or the exit status after saying, as python does, why not."""
+    path = os.path.abspath(path)  # as python names a script (3.9+): __file__, tracebacks
     try:
         with open(path, "rb") as file:
             source = file.read()
     except OSError as exc:
-        print(f"sanitize-threads: can't open file {os.path.abspath(path)!r}: "
+        print(f"sanitize-threads: can't open file {path!r}: "
               f"[Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
         return CANNOT_OPEN
     try:
@@ -158,11 +159,10 @@ def _program_failed(exc: BaseException) -> int:
 
 def _run_script(code: types.CodeType, argv: list[str]) -> None:
     """Run a file's code as ``__main__``, the way ``python path`` would."""
-    path = argv[0]
     sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    sys.path[0] = os.path.dirname(code.co_filename)
     main_module = types.ModuleType("__main__")
-    main_module.__file__ = path
+    main_module.__file__ = code.co_filename
     main_module.__builtins__ = __builtins__  # type: ignore[attr-defined]
     sys.modules["__main__"] = main_module
     exec(code, main_module.__dict__)
