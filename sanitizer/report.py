@@ -125,7 +125,7 @@ class Violation:
 
     def tally(self) -> dict[str, Any]:
         """This kind's entry in the exit summary event."""
-        threads_seen = {}
+        threads_seen: dict[object, dict[str, Any]] = {}
         for _, thread, _task in self.occurrences:
             threads_seen.setdefault(thread.get("serial"), thread)
         return {
