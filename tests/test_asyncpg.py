@@ -408,6 +408,7 @@ class TestTwoTasksAtOnce:
         (violation,) = sanitizer.violations()
         assert (violation.policy, violation.operation) == ("task", "execute")
         assert "has an open transaction" in violation.message
+        assert violation.hint.startswith("a transaction takes the whole connection")
 
     def test_derived_objects_are_checked_as_their_connection(
             self, sanitized: Sanitized, dsn: str) -> None:

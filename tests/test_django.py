@@ -581,6 +581,7 @@ class TestAsyncUnsafe:
         violation = only(sanitized)
         assert violation.policy == "async_unsafe"
         assert violation.operation == "cursor"  # not ensure_connection, connect ... below it
+        assert "sync_to_async" in violation.hint
         assert violation.count == 1
         assert "DJANGO_ALLOW_ASYNC_UNSAFE is set" in violation.message
         assert any("on event loop L" in c for c in violation.context)
