@@ -134,15 +134,17 @@ class ConnectionTasks(TaskPolicy):
         held = _held_kind(record)
         if violation.policy == self.name and held is not None:
             root = violation.root_type or violation.object_type
-            text = (f"{violation.object_type}.{violation.operation} called"
+            return (f"{violation.object_type}.{violation.operation} called"
                     f"{_in_task(violation.task)} while task "
                     f"{_task_phrase(violation.holder_task)} has an open {held} on the same "
                     f"{root}: the statement would run inside it ({self.name} policy)")
-            hint: str | None = HELD_HINT
-        else:
-            text = super().describe(violation, record, token)
-            hint = {"task": TASK_HINT, "loop": LOOP_HINT}.get(violation.policy)
-        return f"{text}; {hint}" if hint else text
+        return super().describe(violation, record, token)
+
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        if violation.policy == self.name and _held_kind(record) is not None:
+            return HELD_HINT
+        return {"task": TASK_HINT, "loop": LOOP_HINT}.get(violation.policy) or \
+            super().advice_for(violation, record)
 
 
 def _task_phrase(task: dict[str, Any] | None) -> str:

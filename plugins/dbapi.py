@@ -182,6 +182,12 @@ class DriverExclusive(Exclusive):
 DRIVER_EXCLUSIVE = DriverExclusive()
 
 
+TRANSACTION_ADVICE = ("give each thread its own connection (a pool), or commit or roll back "
+                      "before another thread uses it")
+ASYNC_TRANSACTION_ADVICE = ("give each task its own connection (a pool), or end the "
+                            "transaction before handing the connection over")
+
+
 class TransactionPolicy(Policy):
     """Connections of drivers at threadsafety >= 2: shared, but not inside another's transaction.
 
@@ -191,6 +197,7 @@ class TransactionPolicy(Policy):
     """
 
     name = "transaction"
+    advice = TRANSACTION_ADVICE
 
     def __init__(self, status: Status | None = None) -> None:
         self.status = status
@@ -229,6 +236,7 @@ class StatementPolicy(Policy):
     """
 
     name = "statement"
+    advice = TRANSACTION_ADVICE
 
     def __init__(self, status: Status | None, connection_of: ConnectionOf,
                  autocommit: Callable[[Any], Any]) -> None:
@@ -696,6 +704,7 @@ class AsyncTransactionPolicy(Policy):
     """
 
     name = "transaction"  # its guards: enter/exit around a coroutine method's run
+    advice = ASYNC_TRANSACTION_ADVICE
 
     def violated(
         self, record: OwnerRecord, token: ThreadToken, holder: object,
@@ -717,8 +726,7 @@ class AsyncTransactionPolicy(Policy):
         return (f"{violation.object_type}.{violation.operation} called in "
                 f"{_task_phrase(violation.task)} while {_task_phrase(violation.holder_task)} "
                 f"has an open transaction on the same connection: it {effect} "
-                "(transaction policy); give each task its own connection (a pool), or end "
-                "the transaction before handing the connection over")
+                "(transaction policy)")
 
     def enter(self, obj: object, record: OwnerRecord, operation: str) -> Any:
         if record.policy is None:

@@ -118,6 +118,7 @@ class AsyncUnsafe(Policy):
     """No database work (Django's @async_unsafe) on a thread whose event loop is running."""
 
     name = "async_unsafe"
+    advice = "wrap the database work in asgiref's sync_to_async"
 
     def violated(
         self, record: OwnerRecord, token: ThreadToken, holder: object,
@@ -138,7 +139,7 @@ class AsyncUnsafe(Policy):
         return (f"{violation.object_type}.{violation.operation} called by thread "
                 f"{token.label} '{token.current_name()}' while its event loop "
                 f"{type(loop).__name__} at {id(loop):#x} is running: database work blocks the "
-                "loop; wrap it in sync_to_async"
+                "loop"
                 + (f" ({ALLOW_ENV} is set, so Django did not raise)" if allowed
                    else " (Django raises SynchronousOnlyOperation next)"))
 

@@ -239,10 +239,8 @@ class AsyncTasks(TaskPolicy):
             return None
         return verdict
 
-    def describe(self, violation: Violation, record: OwnerRecord, token: ThreadToken) -> str:
-        text = super().describe(violation, record, token)
-        hint = self.hints.get(violation.policy)
-        return f"{text}; {hint}" if hint else text
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        return self.hints.get(violation.policy) or super().advice_for(violation, record)
 
 
 SESSION_TASKS = AsyncTasks(

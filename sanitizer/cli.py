@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"options in the {opts.ENV_VAR} form, e.g. 'action=raise,format=json'")
     for spec in opts.SPECS:
         run.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, metavar=spec.metavar,
-                         help=spec.help)
+                         help=f"{spec.help} (default: {opts.default_text(spec)})")
     run.add_argument("-m", dest="module", help="run a library module as a script")
     run.add_argument("program", nargs=argparse.REMAINDER, help="script.py [ARGS...]")
     commands.add_parser("help", help="describe every option and its default")
@@ -76,24 +76,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sanitize-threads: {exc}", file=sys.stderr)
         return USAGE_ERROR
     os.environ[opts.ENV_VAR] = options.to_string()  # children are sanitized the same way
+    return _run(args.module, args.program)
 
-    if args.module:
-        sys.argv = [args.module, *args.program]
-        sys.path[0] = os.getcwd()
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-    else:
-        _run_script(args.program[0], args.program)
+
+# How ``python`` itself exits when it cannot start the program: a missing file is a
+# usage error (2), a module or __main__ it cannot find, or a SyntaxError, status 1.
+CANNOT_OPEN = 2
+FAILED = 1
+
+
+def _run(module: str | None, program: list[str]) -> int:
+    """Run the program as ``python [-m module] program...`` would, and fail as it does:
+    one line (or a SyntaxError as Python shows it) when the program cannot start, the
+    program's own traceback, without our frames, when it raises."""
+    try:
+        if module:
+            sys.argv = [module, *program]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        elif os.path.isdir(program[0]):
+            sys.argv = list(program)
+            runpy.run_path(program[0], run_name="__main__")  # its __main__.py
+        else:
+            code = _compile_script(program[0])
+            if isinstance(code, int):
+                return code
+            _run_script(code, program)
+    except ImportError as exc:
+        if not _raised_by_runpy(exc):
+            return _program_failed(exc)
+        print(f"sanitize-threads: {exc}", file=sys.stderr)  # No module named ...
+        return FAILED
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        return _program_failed(exc)
     return 0
 
 
-def _run_script(path: str, argv: list[str]) -> None:
-    """Run a file as ``__main__``, the way ``python path`` would."""
+def _compile_script(path: str) -> types.CodeType | int:
+    """The script's code, or the exit status after saying, as python does, why not."""
+    path = os.path.abspath(path)  # as python names a script (3.9+): __file__, tracebacks
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+    except OSError as exc:
+        print(f"sanitize-threads: can't open file {path!r}: "
+              f"[Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
+        return CANNOT_OPEN
+    try:
+        return compile(source, path, "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes, before 3.12
+        import traceback
+
+        sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
+        return FAILED
+
+
+#: The frames between ``sanitize-threads`` and the program (runpy is frozen on 3.11+).
+_OURS = frozenset({__file__, runpy.__file__, "<frozen runpy>"})
+
+
+def _raised_by_runpy(exc: ImportError) -> bool:
+    """Whether runpy raised it itself (no such module, no __main__), not the program."""
+    tb = exc.__traceback__
+    files = set()
+    while tb is not None:
+        files.add(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return bool(files) and files <= _OURS
+
+
+def _program_failed(exc: BaseException) -> int:
+    """The program's own exception: its traceback as python shows it (from the
+    program's frames on, through sys.excepthook), and python's status."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OURS:
+        tb = tb.tb_next
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+    return FAILED
+
+
+def _run_script(code: types.CodeType, argv: list[str]) -> None:
+    """Run a file's code as ``__main__``, the way ``python path`` would."""
     sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(os.path.abspath(path))
-    with open(path, "rb") as file:
-        code = compile(file.read(), path, "exec")
+    sys.path[0] = os.path.dirname(code.co_filename)
     main_module = types.ModuleType("__main__")
-    main_module.__file__ = path
+    main_module.__file__ = code.co_filename
     main_module.__builtins__ = __builtins__  # type: ignore[attr-defined]
     sys.modules["__main__"] = main_module
     exec(code, main_module.__dict__)

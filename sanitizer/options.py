@@ -154,26 +154,26 @@ SPECS: tuple[Spec, ...] = (
     Spec("log_file", None, _optional_text,
          "append JSON lines to this file instead of writing to stderr", "PATH"),
     Spec("format", None, _choice(*FORMATS),
-         "json or console (default: console on a TTY, JSON otherwise)", "json|console"),
+         "json or console", "json|console"),
     Spec("stack_depth", 16, _int(1, 256), "frames kept per stack", "N"),
     Spec("suppressions", None, _optional_text,
          "file of rules (site:GLOB[:LINE], object:TYPE, function:NAME, policy:NAME)", "PATH"),
     Spec("exitcode", None, _optional_exitcode,
-         "exit with this code if violations were found (default: the program's own)", "N"),
+         "exit with this code if violations were found", "N"),
     Spec("plugins", (), _names(_PLUGIN_NAME, "plugin names joined by '+', '-name' to disable"),
-         "plugins to enable ('sqlite3+django') or disable ('-django'); default: all",
+         "plugins to enable ('sqlite3+django') or disable ('-django')",
          "NAMES"),
     Spec("track", (), _names(_TRACK_SPEC, "module:Name or module:Name@policy, joined by '+'"),
          "also track these classes or factories, patched when their module is imported",
          "pkg.mod:Class[@policy]+..."),
     Spec("include_args", False, _bool,
-         "log call arguments such as SQL text and parameters (off: they may hold data)",
+         "log call arguments such as SQL text and parameters (they may hold data)",
          "0|1"),
     Spec("sink", ("output",), _words(*SINKS),
          "where reports go: output (log_file or stderr), logging (WARNING on the 'sanitizer' "
          "logger, the record in extra), or both joined by '+'", "output+logging"),
     Spec("history", 0, _int(0, 10_000),
-         "keep each object's last N accesses for the HTML timeline (0: off; costs per call)",
+         "keep each object's last N accesses for the HTML timeline (costs per call)",
          "N"),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
@@ -243,6 +243,19 @@ class HelpRequested(Exception):
     """``SANITIZE_THREADS=help``: print ``help_text()`` and exit."""
 
 
+#: Defaults that their value does not say (help strings never state them: help_text does).
+_DEFAULT_WORDS = {
+    "log_file": "stderr", "format": "console on a TTY, JSON otherwise",
+    "exitcode": "the program's own", "plugins": "all", "include_args": "0 (off)",
+    "history": "0 (off)",
+}
+
+
+def default_text(spec: Spec) -> str:
+    """A spec's default, as help says it once."""
+    return _DEFAULT_WORDS.get(spec.name) or spec.render(spec.default) or "none"
+
+
 def help_text(plugin_keys: Iterable[str] = ()) -> str:
     lines = [
         f"{ENV_VAR}: switch the thread-affinity sanitizer on and set its options.",
@@ -251,14 +264,13 @@ def help_text(plugin_keys: Iterable[str] = ()) -> str:
         f"  {ENV_VAR}=key=value,key=value  options:",
         "",
     ]
+    import textwrap  # only when help is asked for
+
+    indent = " " * 16
     for spec in SPECS:
-        default = spec.render(spec.default) or "-"
-        if spec.name == "format":
-            default = "console on a TTY, else json"
-        elif spec.name == "plugins":
-            default = "all"
-        lines.append(f"  {spec.name:<13} {spec.help}")
-        lines.append(f"  {'':<13} default: {default}")
+        lines += textwrap.wrap(spec.help, 79, initial_indent=f"  {spec.name:<13} ",
+                               subsequent_indent=indent)
+        lines.append(f"{indent}default: {default_text(spec)}")
     if plugin_keys:
         lines += ["", "Plugin options (PLUGIN.KEY=value):"]
         lines += [f"  {key}" for key in plugin_keys]

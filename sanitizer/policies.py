@@ -286,6 +286,19 @@ class Policy:
     #: already completed): they are reported, never raised, since raising then could
     #: only leave the program hanging.
     after_the_fact: bool = False
+    #: How such a bug is usually fixed, in one line: the report's ``hint``.
+    advice: ClassVar[str] = ("keep the object to the thread, loop or task the policy gives "
+                             "it, or hand it over explicitly (sanitizer.transfer)")
+
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        """The hint for a violation this policy found (cold path): its own ``advice``, or
+        for a verdict of another policy (a strict object used after fork: ``process``),
+        that policy's."""
+        if violation.policy != self.name:
+            other = _ADVISERS.get(violation.policy) or STATE.policies.get(violation.policy)
+            if other is not None and other is not self:
+                return other.advice_for(violation, record)
+        return self.advice
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
         """The template of the guard of ``func`` (policies may tell coroutines apart)."""
@@ -403,6 +416,7 @@ class Strict(Policy):
 
     name = "strict"
     template = STRICT
+    advice = "give each thread its own: a connection per thread, or a pool"
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -421,6 +435,8 @@ class Exclusive(Policy):
     name = "exclusive"
     template = EXCLUSIVE
     marks_inside = True
+    advice = ("one thread at a time: give each thread its own (a pool), or hold a lock "
+              "around each use")
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -464,6 +480,8 @@ class Process(Policy):
 
     name = "process"
     template = PROCESS
+    advice = ("reconnect in the child after fork (os.register_at_fork(after_in_child=...)), "
+              "and leave the parent's object to the parent")
 
 
 class ConcurrentUse(Policy):
@@ -482,6 +500,7 @@ class ConcurrentUse(Policy):
     name = "concurrent"
     template = CONCURRENT
     own_verdict = True
+    advice = Exclusive.advice  # the rule it breaks
 
     def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
         if record.policy is not None and record.policy.marks_inside:
@@ -529,6 +548,9 @@ class Releasing(Policy):
                  token: threads.ThreadToken) -> str:
         return (record.policy or self.base).describe(violation, record, token)
 
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        return (record.policy or self.base).advice_for(violation, record)
+
     def __repr__(self) -> str:
         return f"<policy {self.name}, releasing>"
 
@@ -547,11 +569,20 @@ class LoopBound(Policy):
     #: Whether use under another loop counts (False: only use from a thread other
     #: than the one running the loop, for the loop's own methods).
     other_loops: ClassVar[bool] = True
+    advice = ("from other threads, use loop.call_soon_threadsafe() or "
+              "asyncio.run_coroutine_threadsafe(); create it in the loop that uses it")
 
     def __init__(self, hint: str = "", *, after_the_fact: bool = False) -> None:
-        #: Said after the message: how to do it right, in the library's words.
+        #: The report's hint for this policy's own verdicts, in the library's words
+        #: (instead of ``advice``).
         self.hint = hint
         self.after_the_fact = after_the_fact
+
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        # Its verdicts say "loop" (EventLoopThread's too): the plugin's words, else its own.
+        if violation.policy in ("loop", self.name):
+            return self.hint or self.advice
+        return super().advice_for(violation, record)
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
         return LOOP_AWAITED if inspect.iscoroutinefunction(func) else LOOP
@@ -596,8 +627,7 @@ class LoopBound(Policy):
         if record.binding is not None:
             site = stacks.describe_site(stacks.site_of(record.binding.stack))
             text += f" (bound there at {site})"
-        text += f" ({violation.policy} policy)"
-        return f"{text}; {self.hint}" if self.hint else text
+        return f"{text} ({violation.policy} policy)"
 
 
 class EventLoopThread(LoopBound):
@@ -606,6 +636,8 @@ class EventLoopThread(LoopBound):
 
     name = "event-loop"
     other_loops = False
+    advice = ("from other threads, use loop.call_soon_threadsafe() or "
+              "asyncio.run_coroutine_threadsafe()")
 
 
 class TaskPolicy(LoopBound):
@@ -619,6 +651,13 @@ class TaskPolicy(LoopBound):
     """
 
     name = "task"
+    advice = ("one task at a time: give each task its own (a pool), or serialize its uses "
+              "with an asyncio.Lock")
+
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        if violation.policy == "loop" and not self.hint:
+            return LoopBound.advice  # the loop's rule, which its sync methods follow
+        return super().advice_for(violation, record)
 
     def template_for(self, func: Callable[..., Any] | None) -> str:
         return TASK if inspect.iscoroutinefunction(func) else LOOP
@@ -640,8 +679,7 @@ class TaskPolicy(LoopBound):
         root = violation.root_type or violation.object_type
         holder = loops.task_phrase(violation.holder_task or {})
         return (f"{_what(violation)} called {_in_task(violation)}while task {holder} is "
-                f"inside an operation on the same {root} ({self.name} policy)"
-                + (f"; {self.hint}" if self.hint else ""))
+                f"inside an operation on the same {root} ({self.name} policy)")
 
 
 def _helper_of(record: OwnerRecord, holder: object) -> bool:
@@ -686,6 +724,7 @@ class NoBlock(Policy):
 
     name = "noblock"
     own_verdict = True
+    advice = "await an async driver, or run the call in asyncio.to_thread()"
     KINDS: ClassVar[tuple[str, ...]] = ("network", "local")
 
     def __init__(self, base: Policy | None = None, kind: str = "network") -> None:
@@ -754,8 +793,12 @@ class NoBlock(Policy):
         where = loop.describe() if loop is not None else "an event loop"
         return (f"{_what(violation)} called {_in_task(violation)}on thread {token.label} "
                 f"'{token.current_name()}', which runs {where}: the blocking call stops every "
-                f"task on the loop until it returns; use an async driver, or run it in a "
-                f"worker thread (noblock policy)")
+                f"task on the loop until it returns (noblock policy)")
+
+    def advice_for(self, violation: Violation, record: OwnerRecord) -> str:
+        if violation.policy != "noblock" and self.base is not None:
+            return self._decider(record).advice_for(violation, record)
+        return super().advice_for(violation, record)
 
     def __repr__(self) -> str:
         if self.base is None:
@@ -821,6 +864,9 @@ def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.Threa
 
 
 BUILTIN = (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY, LOOP_POLICY, TASK_POLICY)
+#: Whose advice a verdict gets when another policy found it (Policy.advice_for).
+_ADVISERS: dict[str, Policy] = {p.name: p for p in (
+    *BUILTIN, EVENT_LOOP_POLICY, NOBLOCK_POLICY)}
 STATE.policies.update((p.name, p) for p in BUILTIN)
 
 

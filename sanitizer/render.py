@@ -180,11 +180,6 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
         coroutine = info.get("coroutine")
         return f"'{info.get('name')}'" + (f" ({coroutine}())" if coroutine else "")
 
-    def frames(stack: list[dict[str, Any]]) -> list[str]:
-        if not stack:
-            return ["    <no Python frames>"]
-        return [f"    #{i} {f['file']}:{f['line']} in {f['function']}"
-                for i, f in enumerate(stack)]
 
     what = e["object_type"] + (f" {e['object_name']!r}" if e.get("object_name") else "")
     lines = [
@@ -192,25 +187,25 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
         f"WARNING: thread-affinity violation ({e['policy']}) on {what} at {e['object_id']}",
         f"  {e['message']}",
         f"  {e['operation']} by {thread(e['thread'], e['pid'])}:",
-        *frames(e["access_stack"]),
+        *_console_frames(e["access_stack"]),
     ]
     lines += [f"    ({c})" for c in e.get("context", ())]
     if e.get("holder_thread"):
         lines.append(f"  At the same time in use by {thread(e['holder_thread'], e['pid'])}:")
-        lines += frames(e.get("holder_stack") or [])
+        lines += _console_frames(e.get("holder_stack") or [])
     elif e.get("holder_task"):
         lines.append(f"  At the same time inside: task {task(e['holder_task'])}, waiting at:")
-        lines += frames(e.get("holder_stack") or [])
+        lines += _console_frames(e.get("holder_stack") or [])
     created = e.get("root_type") or e["object_type"]
     if e.get("owner_loop") and e.get("bound_stack"):
         by = f" in task {task(e['bound_task'])}" if e.get("bound_task") else ""
         lines.append(f"  {created} bound to {loop(e['owner_loop'])}{by}:")
-        lines += frames(e["bound_stack"])
+        lines += _console_frames(e["bound_stack"])
     elif e.get("owner_loop"):
         lines.append(f"  {created} belongs to {loop(e['owner_loop'])}")
     lines.append(f"  {created} created by "
                  f"{thread(e['owner_thread'], e['owner_pid'], e['owner_alive'])}:")
-    lines += frames(e["creation_stack"])
+    lines += _console_frames(e["creation_stack"])
     lines += [f"    ({c})" for c in e.get("owner_context", ())]
     if e.get("resource"):
         lines.append("  resource: " + ", ".join(f"{k}={v}" for k, v in e["resource"].items()))
@@ -223,6 +218,34 @@ def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) ->
     where = f"{site['file']}:{site['line']} in {site['function']}" if site else "<unknown>"
     lines += [f"SUMMARY: thread-affinity ({e['policy']}) {where}", "=" * 18]
     return "\n".join(lines)
+
+
+def _console_frames(stack: list[dict[str, Any]]) -> list[str]:
+    """A stack as a traceback shows it, innermost first: each frame with its source line
+    (when the file is here), and a run of more than ``stacks.FOLD_OVER`` frames of one
+    library as its first frame and a count. Frames keep their numbers in the stack."""
+    if not stack:
+        return ["    <no Python frames>"]
+    lines: list[str] = []
+    number = 0
+    for run in stacks.fold(stack):
+        shown = run.frames
+        if run.library is not None and len(shown) > stacks.FOLD_OVER:
+            shown = shown[:1]
+        for frame in shown:
+            lines.append(f"    #{number} {frame['file']}:{frame['line']} in {frame['function']}")
+            number += 1
+            try:
+                source = stacks.source_lines(str(frame["file"]), int(str(frame["line"])))
+            except (ValueError, OSError):
+                source = []
+            if source and source[0][1].strip():
+                lines.append(f"        {source[0][1].strip()}")
+        hidden = len(run.frames) - len(shown)
+        if hidden:
+            lines.append(f"    ... {hidden} frames in {run.library}")
+            number += hidden
+    return lines
 
 
 def _json_default(value: object) -> str:

@@ -79,7 +79,8 @@ class Violation:
     bound_task: dict[str, Any] | None = None
     #: Seen only after the state changed: reported, never raised (policies.Policy).
     after_the_fact: bool = False
-    #: How to fix it, where an integration knows (the pytest plugin: loop scopes).
+    #: How such a bug is usually fixed, in one line: the policy's words (Policy.advice_for),
+    #: or an integration's where it knows better (the pytest plugin: loop scopes).
     hint: str | None = None
     # -- for the timeline (cold path only) --
     #: When this occurrence happened (time.time()), and when the object was made.
@@ -261,6 +262,9 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
     if options.include_args:
         violation.args = quote_args(_guard_arguments(caller))
     violation.message = policy.describe(violation, record, token)
+    # Every event carries a hint; an integration may put a more specific one instead
+    # (the pytest plugin: the fixture's and the test's loop scopes).
+    violation.hint = policy.advice_for(violation, record) or Policy.advice
     return violation
 
 

@@ -35,16 +35,26 @@ INTERNAL_DIRS = (_PACKAGE_DIR, _WRAPT_DIR)
 # at django/db/.... Capture stops at the first frame of a program's runner
 # (STATE.boundaries: pytest, pluggy): nothing above it is about the object, and
 # walking it costs microseconds per tracked object in a test suite's deep stacks.
+# importlib's bootstrap frames are left out as INTERNAL ones are (CPython's
+# tracebacks drop them too): an import says nothing about the object.
 USER, INTERNAL, BOUNDARY = 0, 1, 2
+
+#: The pseudo file names of importlib's frozen bootstrap (3.11+; ``<frozen
+#: importlib._bootstrap_external>`` too), left out of stacks.
+IMPORTLIB_BOOTSTRAP = "<frozen importlib._bootstrap"
+#: Frozen standard-library modules (``<frozen runpy>``, ``<frozen os>``): library code.
+FROZEN = "<frozen "
 
 
 def kind_of(filename: str) -> int:
-    """INTERNAL for the sanitizer's own files (core, plugins, generated guards) and
-    wrapt's, BOUNDARY for a registered runner's, USER for the rest (cached)."""
+    """INTERNAL for the sanitizer's own files (core, plugins, generated guards), wrapt's
+    and importlib's bootstrap, BOUNDARY for a registered runner's, USER for the rest
+    (cached)."""
     try:
         return STATE.kinds[filename]
     except KeyError:
-        if filename == GUARD_FILENAME or filename.startswith(INTERNAL_DIRS):
+        if filename == GUARD_FILENAME or filename.startswith(INTERNAL_DIRS) \
+                or filename.startswith(IMPORTLIB_BOOTSTRAP):
             kind = INTERNAL
         elif filename.startswith(tuple(STATE.boundaries)):
             kind = BOUNDARY
@@ -55,7 +65,8 @@ def kind_of(filename: str) -> int:
 
 
 def is_internal(code: CodeType) -> bool:
-    """True for the sanitizer's own frames (core, plugins, generated guards) and wrapt's."""
+    """True for frames stacks leave out: the sanitizer's own (core, plugins, generated
+    guards), wrapt's and importlib's bootstrap."""
     return kind_of(code.co_filename) == INTERNAL
 
 
@@ -68,9 +79,12 @@ def add_boundary(directory: str) -> None:
 
 
 def capture(limit: int, frame: FrameType | None = None) -> Stack:
-    """The caller's stack, innermost first, without the sanitizer's own frames.
+    """The caller's stack, innermost first, without the frames ``is_internal`` leaves out.
 
     Stops at the first frame of a registered runner once it has the user's frames.
+    At most ``limit`` frames, and the first frame of the user's code among them however
+    deep the library calls above it: when the limit is reached before it, the stack is
+    the innermost ``limit - 1`` frames and then that one.
     """
     if frame is None:
         frame = sys._getframe(1)
@@ -90,14 +104,16 @@ def capture(limit: int, frame: FrameType | None = None) -> Stack:
                 break
         frame = frame.f_back
     if frame is not None and frames and all(is_library(code) for code, _ in frames):
-        # A deep library stack (an ORM call reaching the driver) filled the limit
-        # before the user's frame: keep walking to it, so that the site is theirs.
+        # A deep library stack (an ORM call reaching the driver, an import in
+        # django.setup()) filled the limit before the user's frame: walk on to the
+        # innermost one, so that the site is theirs.
         while frame is not None:
             code = frame.f_code
             kind = kind_of(code.co_filename)
             if kind == BOUNDARY:
                 break
             if kind == USER and not is_library(code):
+                del frames[max(limit - 1, 0):]
                 frames.append((code, frame.f_lasti))
                 break
             frame = frame.f_back
@@ -149,7 +165,9 @@ INSTALLED_DIRS = _installed_dirs()
 
 
 def is_library_file(filename: str) -> bool:
-    return filename.startswith(INSTALLED_DIRS) or any(
+    """Whether a frame's file is a library's: the standard library (frozen modules
+    included), site-packages, or an instrumented library's (STATE.library_prefixes)."""
+    return filename.startswith(INSTALLED_DIRS) or filename.startswith(FROZEN) or any(
         prefix in filename for prefix in STATE.library_prefixes)
 
 
@@ -213,16 +231,28 @@ def library_of(filename: str) -> str | None:
     library"), or None for the user's own code."""
     if not is_library_file(filename):
         return None
+    if filename.startswith(FROZEN):
+        return STDLIB
     for base in sorted(INSTALLED_DIRS, key=len, reverse=True):
         if filename.startswith(base):
-            rest = filename[len(base):]
+            parts = filename[len(base):].split(os.sep)
             if "site-packages" in base or "dist-packages" in base:
-                return rest.split(os.sep, 1)[0].removesuffix(".py")
-            return "the standard library"
+                return parts[0].removesuffix(".py")
+            if len(parts) > 1 and parts[0] in ("site-packages", "dist-packages"):
+                return parts[1].removesuffix(".py")  # the base interpreter's
+            return STDLIB
     for prefix in STATE.library_prefixes:
         if prefix in filename:
-            return prefix.strip(os.sep + "<").split(os.sep)[0].removesuffix(".py")
+            name = prefix.strip(os.sep + "<").split(os.sep)[0].split()[0]
+            return name.removesuffix(".py")
     return "a library"
+
+
+STDLIB = "the standard library"
+
+
+#: Library runs longer than this are folded by renderers.
+FOLD_OVER = 2
 
 
 @dataclasses.dataclass
@@ -234,8 +264,9 @@ class Run:
 
 
 def fold(stack: Sequence[dict[str, object]]) -> list[Run]:
-    """A stack (frame dicts, innermost first) as runs of user frames and library frames:
-    renderers show a library run of more than one frame folded ("... 7 frames in django")."""
+    """A stack (frame dicts, innermost first) as runs of user frames (``library`` None)
+    and of one library's frames: renderers show a library run of more than FOLD_OVER
+    frames folded, as its first frame and "... 7 frames in django"."""
     runs: list[Run] = []
     for frame in stack:
         library = library_of(str(frame.get("file", "")))

@@ -59,7 +59,7 @@ class TestFromAnotherThread:
         assert record["holder_task"]["coroutine"].endswith("waiter")
         assert record["holder_stack"][0]["line"] == line_of_file(HERE, "# waits here")
         assert record["after_the_fact"] is True
-        assert "call_soon_threadsafe(fut.set_result" in record["message"]
+        assert "call_soon_threadsafe(fut.set_result" in record["hint"]
 
     def test_after_the_fact_is_reported_but_never_raised(self, enable: Any) -> None:
         log = enable(action="log+raise")

@@ -408,6 +408,7 @@ class TestTwoTasksAtOnce:
         (violation,) = sanitizer.violations()
         assert (violation.policy, violation.operation) == ("task", "execute")
         assert "has an open transaction" in violation.message
+        assert violation.hint.startswith("a transaction takes the whole connection")
 
     def test_derived_objects_are_checked_as_their_connection(
             self, sanitized: Sanitized, dsn: str) -> None:
@@ -533,7 +534,7 @@ class TestLoops:
             HERE, "# pool used")
         assert site(event["creation_stack"], "test_asyncpg.py") == line_of_file(
             HERE, "# pool made")
-        assert "create it in the loop that uses it" in violation.message
+        assert "create it in the loop that uses it" in violation.hint
 
 
 # -- end to end: real programs, the JSON fields ---------------------------------------------
@@ -701,7 +702,7 @@ class TestEndToEnd:
         assert record["loop"]["state"] == "running"
         assert record["loop"]["serial"] == record["owner_loop"]["serial"] + 1
         assert record["task"]["coroutine"] == "second"
-        assert "connect in the loop that uses it" in record["message"]
+        assert "connect in the loop that uses it" in record["hint"]
 
     def test_a_connection_used_from_a_worker_threads_own_loop(
             self, tmp_path: Path, program_dsn: str) -> None:

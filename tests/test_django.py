@@ -581,6 +581,7 @@ class TestAsyncUnsafe:
         violation = only(sanitized)
         assert violation.policy == "async_unsafe"
         assert violation.operation == "cursor"  # not ensure_connection, connect ... below it
+        assert "sync_to_async" in violation.hint
         assert violation.count == 1
         assert "DJANGO_ALLOW_ASYNC_UNSAFE is set" in violation.message
         assert any("on event loop L" in c for c in violation.context)
@@ -832,3 +833,62 @@ def test_sql_without_params_is_passed_as_is(sanitized: Sanitized) -> None:
         cursor.execute("SELECT %s", [1])
         assert cursor.fetchone() == (1,)
     assert sanitizer.violations() == []
+
+
+SETUP_MAKES_A_CONNECTION = """\
+import threading
+import django
+from django.conf import settings
+
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+)
+django.setup()  # auth's models make the connection, deep in model loading
+from django.db import connections
+
+wrapper = connections["default"]
+
+
+def use():
+    try:
+        wrapper.cursor()  # used
+    except Exception as exc:  # Django refuses it too
+        print(type(exc).__name__)
+
+
+thread = threading.Thread(target=use)
+thread.start()
+thread.join()
+"""
+
+
+def test_a_connection_made_during_django_setup_names_the_callers_line(
+        tmp_path: Path) -> None:
+    """Its creation stack is model loading beneath imports: importlib's frames are left
+    out, and the caller's line is in it, within stack_depth, as its creation site."""
+    import subprocess
+
+    from support import read_records
+
+    script = tmp_path / "app.py"
+    script.write_text(SETUP_MAKES_A_CONNECTION)
+    log = tmp_path / "violations.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANITIZE_THREADS")}
+    env["SANITIZE_THREADS"] = f"log_file={log}"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    records = [r for r in read_records(log) if r["object_type"].endswith("DatabaseWrapper")]
+    assert records, proc.stderr
+    record = records[0]
+    stack = record["creation_stack"]
+    assert not [f for f in stack if str(f["file"]).startswith("<frozen importlib")], stack
+    setup_line = SETUP_MAKES_A_CONNECTION.splitlines().index(
+        "django.setup()  # auth's models make the connection, deep in model loading") + 1
+    assert len(stack) <= 16
+    assert {"file": str(script), "line": setup_line, "function": "<module>"} in stack
+    assert record["creation_site"] == {"file": str(script), "line": setup_line,
+                                       "function": "<module>"}
+    # Django's model loading is above it: the stack is as deep as the import made it.
+    assert any("django/db/models" in str(f["file"]) for f in stack)

@@ -372,6 +372,21 @@ def test_help_prints_every_option_and_exits(tmp_path: Path) -> None:
     for key in ("action", "log_file", "format", "stack_depth", "suppressions", "exitcode",
                 "plugins", "track", "include_args"):
         assert key in out.stdout
+    # Each option's block says its default once, in one wording.
+    from sanitizer.options import SPECS
+
+    lines = out.stdout.splitlines()
+    for spec in SPECS:
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"  {spec.name} "))
+        block = [lines[start]]
+        for line in lines[start + 1:]:
+            if not line.startswith(" " * 16):
+                break
+            block.append(line)
+        assert " ".join(block).lower().count("default") == 1, block
+        assert block[-1].strip().startswith("default: "), block
+    assert "default: console on a TTY, JSON otherwise" in out.stdout
+    assert "default: the program's own" in out.stdout
 
 
 def test_subprocesses_inherit_the_sanitizer(tmp_path: Path) -> None:
@@ -443,6 +458,59 @@ class TestCli:
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "args ['a', 'b']" in proc.stdout
+
+    @staticmethod
+    def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SANITIZE_THREADS")}
+        return subprocess.run([sys.executable, "-m", "sanitizer", "run", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+
+    def test_a_missing_script_is_one_line_and_status_2_as_python_says(
+            self, tmp_path: Path) -> None:
+        proc = self.cli(tmp_path, "missing.py")
+        python = subprocess.run([sys.executable, "missing.py"], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert proc.returncode == python.returncode == 2
+        [line] = proc.stderr.strip().splitlines()
+        assert line == (f"sanitize-threads: can't open file {str(tmp_path / 'missing.py')!r}: "
+                        "[Errno 2] No such file or directory")
+        assert line.split(": ", 1)[1] == python.stderr.strip().split(": ", 1)[1]
+
+    def test_a_missing_module_or_main_is_one_line_as_python_says(
+            self, tmp_path: Path) -> None:
+        proc = self.cli(tmp_path, "-m", "no_such_module_here")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == "sanitize-threads: No module named no_such_module_here"
+        (tmp_path / "adir").mkdir()
+        proc = self.cli(tmp_path, "adir")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == "sanitize-threads: can't find '__main__' module in 'adir'"
+        # The control: with a __main__.py, the directory runs, as under python.
+        (tmp_path / "adir" / "__main__.py").write_text("import sys; print('ran', sys.argv)")
+        proc = self.cli(tmp_path, "adir", "x")
+        assert proc.returncode == 0, proc.stderr
+        assert "ran ['adir', 'x']" in proc.stdout
+
+    def test_a_syntax_error_in_the_script_reads_as_pythons_own(self, tmp_path: Path) -> None:
+        (tmp_path / "bad.py").write_text("x = 1\ny = (\n")
+        proc = self.cli(tmp_path, "bad.py")
+        python = subprocess.run([sys.executable, "bad.py"], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert proc.returncode == python.returncode == 1
+        assert proc.stderr == python.stderr
+        assert "Traceback" not in proc.stderr and "sanitizer" not in proc.stderr
+
+    def test_the_programs_own_exceptions_stay_the_programs(self, tmp_path: Path) -> None:
+        (tmp_path / "helper.py").write_text("import no_such_module_here\n")
+        (tmp_path / "app.py").write_text("def main():\n    import helper\n\nmain()\n")
+        for args in (["app.py"], ["-m", "app"]):
+            proc = self.cli(tmp_path, *args)
+            assert proc.returncode == 1
+            lines = proc.stderr.strip().splitlines()
+            assert lines[0] == "Traceback (most recent call last):"
+            assert lines[-1] == "ModuleNotFoundError: No module named 'no_such_module_here'"
+            assert "app.py\", line 4, in <module>" in proc.stderr
+            assert "sanitizer" not in proc.stderr and "runpy" not in proc.stderr, proc.stderr
 
     def test_children_of_the_cli_are_sanitized(self, tmp_path: Path) -> None:
         log = tmp_path / "v.jsonl"

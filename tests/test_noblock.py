@@ -96,6 +96,7 @@ def test_a_statement_on_the_loop_is_reported_once(driver: Driver) -> None:
     violation = only()
     assert (violation.policy, violation.operation) == ("noblock", "execute")
     assert line(violation.access_site) == line_of_file(HERE, "# nb-statement")
+    assert violation.hint == "await an async driver, or run the call in asyncio.to_thread()"
     assert line(violation.creation_site) == line_of_file(HERE, "# nb-made")
     assert_on_the_loop(violation, "handler")
     assert violation.resource["host"] == driver.server.host

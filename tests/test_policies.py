@@ -310,3 +310,53 @@ def _no_leftover_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
     assert set(threading.enumerate()) <= before
+
+
+# -- hints: each policy words how such bugs are usually fixed -----------------------------
+
+
+def _verdict(policy: str) -> Any:
+    from sanitizer.report import Violation
+
+    return Violation(policy=policy, object_type="T", object_id=1, operation="op",
+                     owner_thread={}, thread={}, pid=1, owner_pid=1, creation_stack=(),
+                     access_stack=(), message="")
+
+
+@pytest.mark.parametrize(("policy", "verdict", "words"), [
+    (policies.STRICT_POLICY, "strict", "a connection per thread, or a pool"),
+    (policies.EXCLUSIVE_POLICY, "exclusive", "one thread at a time"),
+    (policies.PROCESS_POLICY, "process", "reconnect in the child after fork"),
+    (policies.CONCURRENT_USE, "exclusive", "one thread at a time"),
+    (policies.LOOP_POLICY, "loop", "run_coroutine_threadsafe"),
+    (policies.EVENT_LOOP_POLICY, "loop", "call_soon_threadsafe"),
+    (policies.TASK_POLICY, "task", "one task at a time"),
+    (policies.TASK_POLICY, "loop", "run_coroutine_threadsafe"),  # its sync methods' rule
+    (policies.NOBLOCK_POLICY, "noblock", "asyncio.to_thread"),
+    # A verdict of another policy gets that policy's hint: a strict object after fork.
+    (policies.STRICT_POLICY, "process", "reconnect in the child after fork"),
+    (policies.Releasing(policies.EXCLUSIVE_POLICY), "exclusive", "one thread at a time"),
+    (policies.NOBLOCK_POLICY.over(policies.EXCLUSIVE_POLICY), "noblock", "asyncio.to_thread"),
+])
+def test_each_policy_words_its_hint(policy: policies.Policy, verdict: str, words: str) -> None:
+    base = getattr(policy, "base", None) or policy
+    record = new_record(base, object())
+    assert words in policy.advice_for(_verdict(verdict), record)
+
+
+def test_every_builtin_policy_has_its_own_hint() -> None:
+    builtin = [policies.STRICT_POLICY, policies.EXCLUSIVE_POLICY, policies.PROCESS_POLICY,
+               policies.LOOP_POLICY, policies.EVENT_LOOP_POLICY, policies.TASK_POLICY,
+               policies.NOBLOCK_POLICY]
+    hints = [p.advice for p in builtin]
+    assert all(hints) and len(set(hints)) == len(hints)
+    assert policies.Policy.advice not in hints  # the generic one is only a fallback
+
+
+def test_a_plugins_loop_hint_is_the_reports_hint_not_part_of_its_message() -> None:
+    bound = policies.LoopBound("complete it with loop.call_soon_threadsafe(...)")
+    record = new_record(bound, object())
+    assert bound.advice_for(_verdict("loop"), record) == (
+        "complete it with loop.call_soon_threadsafe(...)")
+    assert "reconnect" in bound.advice_for(_verdict("process"), record)
+    assert policies.LoopBound().advice_for(_verdict("loop"), record) == policies.LoopBound.advice

@@ -83,6 +83,7 @@ def test_statement_inside_another_tasks_transaction_is_caught(server: Any) -> No
     violation = only()
     assert violation.policy == "transaction"
     assert violation.operation == "execute"
+    assert violation.hint.startswith("give each task its own connection (a pool)")
     assert line(violation.access_site) == line_of_file(HERE, "# async-intrusion")
     assert line(violation.creation_site) == line_of_file(HERE, "# async-creation")
     assert violation.task == {"name": "intruder", "coroutine": "test_statement_inside_another_"

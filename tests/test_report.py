@@ -23,7 +23,7 @@ def violation_event() -> dict[str, Any]:
         holder: dict[str, sqlite3.Connection] = {}
         in_thread(lambda: holder.setdefault("c", sqlite3.connect(":memory:")), name="maker")
         with pytest.raises(sqlite3.ProgrammingError):
-            holder["c"].execute("select 1")
+            holder["c"].execute("select 1")  # the access line
         [violation] = sanitizer.violations()
         return {"event": render.EVENT, **violation.event()}
     finally:
@@ -85,3 +85,60 @@ def test_captured_frames_give_the_lines_f_lineno_gives() -> None:
     assert [stacks.line_of(frame) for frame in stack] == expected
     assert stacks.location(stack[0]) == (__file__, expected[0])
     assert stacks.location(None) == ("<unknown>", 0)
+
+
+# -- reading a console report ------------------------------------------------------------
+
+
+def test_console_frames_show_their_source_lines() -> None:
+    text = render.render_console(None, "warning", violation_event()).splitlines()
+    access = next(i for i, line in enumerate(text) if "in violation_event" in line)
+    assert text[access + 1] == '        holder["c"].execute("select 1")  # the access line'
+    creation = next(i for i, line in enumerate(text) if "in violation_event.<locals>.<lambda>"
+                    in line)
+    assert text[creation + 1].strip().startswith(
+        'in_thread(lambda: holder.setdefault("c", sqlite3.connect(":memory:"))')
+    assert text.index(text[access]) < text.index(text[creation])
+
+
+def test_console_folds_runs_of_more_than_two_library_frames() -> None:
+    import sysconfig
+
+    event = violation_event()
+    purelib = sysconfig.get_paths()["purelib"]
+    django = [{"file": f"{purelib}/django/db/m{i}.py", "line": 1, "function": f"f{i}"}
+              for i in range(5)]
+    pair = [{"file": f"{purelib}/asgiref/s{i}.py", "line": 1, "function": f"g{i}"}
+            for i in range(2)]
+    user = event["access_stack"][0]
+    event["access_stack"] = [*django, user, *pair]
+    text = render.render_console(None, "warning", event)
+    assert f"    #0 {purelib}/django/db/m0.py:1 in f0" in text
+    assert "m1.py" not in text and "m4.py" not in text
+    assert "    ... 4 frames in django" in text
+    assert f"    #5 {user['file']}:{user['line']} in {user['function']}" in text  # numbered
+    assert "s0.py:1 in g0" in text and "s1.py:1 in g1" in text  # two: not folded
+    # JSON keeps every frame: folding is rendering only.
+    line = json.loads(render.processors("json")[-1](None, "warning", event))
+    assert [f["function"] for f in line["access_stack"]][:5] == [f"f{i}" for i in range(5)]
+
+
+def test_a_real_threads_bootstrap_frames_are_folded() -> None:
+    event = violation_event()
+    created = event["creation_stack"]
+    threading_frames = [f for f in created if f["file"].endswith("threading.py")]
+    assert len(threading_frames) == 3, created  # run, _bootstrap_inner, _bootstrap
+    text = render.render_console(None, "warning", event)
+    assert "    ... 2 frames in the standard library" in text
+    assert "Thread._bootstrap_inner" not in text
+    assert len(event["creation_stack"]) == len(created)  # the event itself is untouched
+
+
+def test_every_report_has_its_policys_hint() -> None:
+    from sanitizer.policies import Strict
+
+    event = violation_event()
+    assert event["hint"] == Strict.advice
+    text = render.render_console(None, "warning", event)
+    assert f"  hint: {Strict.advice}" in text.splitlines()
+    assert text.index("  hint:") < text.index("SUMMARY:")

@@ -261,7 +261,7 @@ class TestTwoTasksInOneSession:
             assert record["owner_loop"]["serial"] == record["loop"]["serial"]
         assert "while task 'holder' (gather_over_one_session.<locals>.holder()) is inside" \
             in record["message"]
-        assert "give each task its own (async_sessionmaker)" in record["message"]
+        assert "give each task its own (async_sessionmaker)" in record["hint"]
 
     def test_a_fresh_session_is_reported_before_sqlalchemy_refuses(
             self, sqlite: Database, sanitized: Sanitized) -> None:
@@ -317,7 +317,7 @@ class TestTwoTasksInOneSession:
         assert user_line(record["access_stack"]) == mark("second task")
         assert user_line(record["creation_stack"]) == mark("connection made")
         assert record["holder_task"]["coroutine"].endswith("main")
-        assert "an AsyncConnection is for one task at a time" in record["message"]
+        assert "an AsyncConnection is for one task at a time" in record["hint"]
 
     def test_a_sessions_connection_is_part_of_the_session(self, sqlite: Database,
                                                           enable: Any) -> None:
@@ -435,7 +435,7 @@ class TestLoops:
         assert violation["owner_loop"]["state"] == "idle"
         assert violation["loop"]["serial"] > bound.serial
         assert violation["loop"]["state"] == "running"
-        assert "commit or close the session before its loop ends" in violation["message"]
+        assert "commit or close the session before its loop ends" in violation["hint"]
 
     def test_an_async_connection_under_another_loop(self, pg: Database, enable: Any) -> None:
         log = enable(action="log+raise")

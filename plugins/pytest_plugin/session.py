@@ -523,8 +523,9 @@ class _Plugin:
         if not admitted:
             occurrence.actions = log
             return occurrence
-        if violation.policy == "loop" and violation.hint is None and run.item is not None:
-            violation.hint = self.fixtures.hint(violation, run.item)
+        if violation.policy == "loop" and run.item is not None:
+            # More specific than the policy's hint, which it replaces.
+            violation.hint = self.fixtures.hint(violation, run.item) or violation.hint
         actions = set(settings.action) - {"log"} | log
         if not (occurrence.first if record is None else record.count == 1):
             actions.discard("warn")  # once per kind and test
