@@ -81,6 +81,9 @@ class Violation:
     after_the_fact: bool = False
     #: How to fix it, where an integration knows (the pytest plugin: loop scopes).
     hint: str | None = None
+    #: Where the object itself was made, when its creation stack is its parent's (a
+    #: DB-API cursor's own record: OwnerRecord.derived_site).
+    derived_site: stacks.Frame | None = None
     # -- for the timeline (cold path only) --
     #: When this occurrence happened (time.time()), and when the object was made.
     at: float = 0.0
@@ -124,7 +127,7 @@ class Violation:
 
     def tally(self) -> dict[str, Any]:
         """This kind's entry in the exit summary event."""
-        threads_seen = {}
+        threads_seen: dict[object, dict[str, Any]] = {}
         for _, thread, _task in self.occurrences:
             threads_seen.setdefault(thread.get("serial"), thread)
         return {
@@ -185,6 +188,7 @@ class Violation:
             "bound_task": self.bound_task,
             "after_the_fact": self.after_the_fact,
             "hint": self.hint,
+            "derived_site": _site_dict(self.derived_site),
             "story": self.story,
             "history": self.history,
         }
@@ -257,6 +261,7 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         story=[{"at": iso(at), "what": what, "thread": who.as_dict()}
                for at, what, who in record.story or ()],
         history=_history(record),
+        derived_site=record.derived_site,
     )
     if options.include_args:
         violation.args = quote_args(_guard_arguments(caller))
