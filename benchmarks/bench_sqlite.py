@@ -7,12 +7,18 @@ installed but switched off: the .pth line costs one environ lookup.
     python benchmarks/bench_sqlite.py            # quick (pyperf --fast)
     python benchmarks/bench_sqlite.py --rigorous # slower, tighter
     python benchmarks/bench_sqlite.py --instructions
+    python benchmarks/bench_sqlite.py --instructions --derived-site
 
 ``--instructions`` counts instructions per call with valgrind's callgrind
 instead of timing: the difference between a program making N calls and one
 making none, divided by N. A count, not a time, so it is the same however busy
 the machine is; on a shared 2-core machine identical timing runs differ by more
 than the overhead measured here.
+
+``--derived-site`` counts what it would cost a cursor to remember where it was
+made (``conn.cursor()`` + ``execute`` per call): cursors share their connection's
+record, and the plugin's ``cursor()`` can keep the caller's frame in a slot of the
+cursor, as one (code, offset) pair or as a whole stack.
 """
 
 from __future__ import annotations
@@ -111,9 +117,71 @@ def instructions(calls: int = 20_000) -> None:
             for v in ("strict", "exclusive")))
 
 
+# --derived-site: conn.cursor() under the plugin's guard, its cursor made in C, and the
+# caller's site kept in a slot of the cursor (none, one frame, the whole stack).
+SITE_CALLS = {
+    "none": "base_cursor(self, cursor_cls)",
+    "frame": "(setattr(_g_c := base_cursor(self, site_cls), '_sanitizer_site', "
+             "((_g_f := _g_frame(1)).f_code, _g_f.f_lasti)), _g_c)[1]",
+    "stack": "(setattr(_g_c := base_cursor(self, site_cls), '_sanitizer_site', "
+             "capture(16, _g_frame(1))), _g_c)[1]",
+}
+SITE_PROGRAM = """
+import os, sqlite3, sys
+import sanitizer
+from sanitizer import stacks
+from sanitizer.plugins import sqlite3 as plugin
+sanitizer.enable(log_file=os.devnull)
+variant, calls = sys.argv[1], int(sys.argv[2])
+if variant == "raw":
+    conn = sqlite3.Connection(":memory:")
+else:
+    conn = sqlite3.connect(":memory:")
+    cls = type(conn)
+    policy = cls.__sanitizer_policy__
+    cursor_cls = plugin.cursor_class(sqlite3, sqlite3.Cursor, policy)
+    site_cls = type("Cursor", (cursor_cls,), {{"__slots__": ("_sanitizer_site",)}})
+    scope = {{"base_cursor": sqlite3.Connection.cursor, "cursor_cls": cursor_cls,
+              "site_cls": site_cls, "capture": stacks.capture}}
+    cls.cursor = policy.guard_expression({calls}[variant], "cursor", "factory=None", scope)
+def user_code():
+    cursor = conn.cursor
+    for _ in range(calls):
+        cursor().execute("select 1")
+user_code()
+"""
+
+
+def count_site(run: tuple[str, int]) -> tuple[int, int]:
+    variant, calls = run
+    return callgrind.count(SITE_PROGRAM.format(calls=SITE_CALLS), variant, str(calls))
+
+
+def derived_site(calls: int = 20_000) -> None:
+    """Per-call instructions of conn.cursor() + execute: raw, and tracked with each way
+    of keeping the cursor's own site."""
+    variants = ("raw", "none", "frame", "stack")
+    runs = [(v, n) for v in variants for n in (0, calls)]
+    counted = {run: found[0] for run, found in callgrind.all_of(runs, count_site).items()}
+    per_call = {v: (counted[v, calls] - counted[v, 0]) / calls for v in variants}
+    labels = {"raw": "raw sqlite3", "none": "strict, the connection's site only (shared)",
+              "frame": "strict, + the cursor's site: one (code, offset)",
+              "stack": "strict, + the cursor's whole stack (16 frames)"}
+    print(f"conn.cursor() + cursor.execute('select 1'), instructions per call "
+          f"(callgrind; {calls:,} calls minus none; Python {sys.version.split()[0]}):")
+    for v in variants:
+        added = "" if v == "raw" else f"  (+{per_call[v] - per_call['raw']:,.0f} on raw"
+        if v in ("frame", "stack"):
+            added += f", +{per_call[v] - per_call['none']:,.0f} on the shared record"
+        print(f"  {labels[v]:<50} {per_call[v]:8,.0f}{added + ')' if added else ''}")
+
+
 def main() -> None:
     if "--instructions" in sys.argv:
-        instructions()
+        if "--derived-site" in sys.argv:
+            derived_site()
+        else:
+            instructions()
         return
     runner = pyperf.Runner()
     runner.metadata["description"] = __doc__.splitlines()[0]

@@ -58,6 +58,7 @@ class OwnerRecord:
         "created",
         "creation_stack",
         "depth",
+        "derived_site",
         "history",
         "loop",
         "name",
@@ -94,6 +95,9 @@ class OwnerRecord:
         self.owner_context: list[str] = [] if owner_context is None else owner_context
         self.pid = owner.pid  # the token's: getpid() is a system call
         self.creation_stack = creation_stack
+        #: Where a derived object with a record of its own (a DB-API cursor) was made,
+        #: when its creation stack is its parent's: one frame, the user's.
+        self.derived_site: stacks.Frame | None = None
         self.busy: object = None
         self.sharing = 0
         # -- for the HTML timeline: set here and on cold paths only, but ``history`` --

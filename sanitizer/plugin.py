@@ -283,11 +283,14 @@ class Context:
     def derived_record(obj: object, parent: OwnerRecord, policy: Policy
                        ) -> OwnerRecord | None:
         """A record of its own for an object made from a tracked one (a cursor checked on
-        its own): ``parent``'s creation site and resource, no stack captured."""
+        its own): ``parent``'s creation stack and resource, and the object's own site (the
+        first user frame, ``derived_site`` in reports), not a stack of its own."""
         if parent.policy is None:
             return None
-        return ownership.new_record(policy, obj, resource=parent.resource,
-                                    creation_stack=parent.creation_stack)
+        record = ownership.new_record(policy, obj, resource=parent.resource,
+                                      creation_stack=parent.creation_stack)
+        record.derived_site = stacks.site_of(stacks.capture(1, sys._getframe(1)))
+        return record
 
     @contextlib.contextmanager
     def deriving(self, parent: OwnerRecord) -> Iterator[None]:

@@ -82,6 +82,9 @@ class Violation:
     #: How such a bug is usually fixed, in one line: the policy's words (Policy.advice_for),
     #: or an integration's where it knows better (the pytest plugin: loop scopes).
     hint: str | None = None
+    #: Where the object itself was made, when its creation stack is its parent's (a
+    #: DB-API cursor's own record: OwnerRecord.derived_site).
+    derived_site: stacks.Frame | None = None
     # -- for the timeline (cold path only) --
     #: When this occurrence happened (time.time()), and when the object was made.
     at: float = 0.0
@@ -186,6 +189,7 @@ class Violation:
             "bound_task": self.bound_task,
             "after_the_fact": self.after_the_fact,
             "hint": self.hint,
+            "derived_site": _site_dict(self.derived_site),
             "story": self.story,
             "history": self.history,
         }
@@ -258,6 +262,7 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         story=[{"at": iso(at), "what": what, "thread": who.as_dict()}
                for at, what, who in record.story or ()],
         history=_history(record),
+        derived_site=record.derived_site,
     )
     if options.include_args:
         violation.args = quote_args(_guard_arguments(caller))
@@ -362,7 +367,8 @@ class Dedup:
 
 
 class Log:
-    """Writes the event line through the structlog pipeline (render.py)."""
+    """Writes the event line through the structlog pipeline (render.py): the ``output``
+    sink (log_file or stderr)."""
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
@@ -371,6 +377,51 @@ class Log:
         if "log" in occurrence.actions:
             self.reporter.logger.warning(EVENT, **occurrence.violation.event())
         return occurrence
+
+
+#: The logger the ``logging`` sink sends to, and the ``extra`` key holding the event.
+LOGGER_NAME = "sanitizer"
+EXTRA_KEY = "thread_affinity"
+
+
+class ToLogging:
+    """The ``logging`` sink: what Log writes goes to the standard ``logging`` module as a
+    WARNING on the ``sanitizer`` logger, to whatever handlers the application has (Sentry,
+    a log shipper, pytest's caplog). Never configures logging: no handler, no level.
+
+    The record's message is the violation's, its location the access site (not this
+    file), and ``extra`` holds the whole event under EXTRA_KEY plus flat ``policy``,
+    ``object_type`` and ``fingerprint`` for filters (none of them a LogRecord attribute).
+    """
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def __call__(self, occurrence: Occurrence) -> Occurrence:
+        if "log" in occurrence.actions:
+            try:
+                self.send(occurrence.violation)
+            except Exception as exc:  # a filter's or a Logger subclass's (handlers' are
+                # caught by logging itself, in Handler.handleError)
+                self.reporter.internal_error(exc, "the logging sink")
+        return occurrence
+
+    @staticmethod
+    def send(violation: Violation) -> None:
+        import logging
+
+        logger = logging.getLogger(LOGGER_NAME)
+        if not logger.isEnabledFor(logging.WARNING):
+            return
+        event = violation.event()
+        site = violation.access_site
+        filename, line = stacks.location(site)
+        function = str(stacks.frame_dict(site)["function"]) if site is not None else None
+        extra = {EXTRA_KEY: event, "policy": violation.policy,
+                 "object_type": violation.object_type, "fingerprint": event["fingerprint"]}
+        record = logger.makeRecord(logger.name, logging.WARNING, filename, line,
+                                   violation.message, (), None, function, extra)
+        logger.handle(record)
 
 
 def warn(occurrence: Occurrence) -> Occurrence:
@@ -393,7 +444,8 @@ def raise_(occurrence: Occurrence) -> Occurrence:
 
 
 class Reporter:
-    """The pipeline, top to bottom: suppress, dedup, the integrations' steps, log, warn, raise.
+    """The pipeline, top to bottom: suppress, dedup, the integrations' steps, the sinks
+    (``sink``: Log for output, ToLogging for logging), warn, raise.
 
     ``report`` is what the guards call, through the sink the running sanitizer
     hands them; it builds the Violation and runs it through the steps.
@@ -407,7 +459,10 @@ class Reporter:
         self.suppress = Suppress(self.rules)
         self.dedup = Dedup()
         # Integrations (the pytest plugin, forwarding from children) go between.
-        self.steps: list[Processor] = [self.suppress, self.dedup, Log(self), warn, raise_]
+        sinks: list[Processor] = [Log(self)] if "output" in options.sink else []
+        if "logging" in options.sink:
+            sinks.append(ToLogging(self))
+        self.steps: list[Processor] = [self.suppress, self.dedup, *sinks, warn, raise_]
         self._added = 0
         #: Names of functions that finalize objects: uses inside them are no uses.
         self.finalizers: set[str] = {"__del__"}
@@ -448,23 +503,27 @@ class Reporter:
         local = self._local
         if getattr(local, "reporting", False):
             return  # something in our own reporting touched a tracked object
+        # Also while the steps run: the logging sink calls the application's handlers,
+        # which may touch tracked objects (a handler writing to another thread's sqlite3
+        # connection); those uses are not reported, so a report cannot loop.
         local.reporting = True
         try:
-            if self.finalizing(caller):
+            try:
+                if self.finalizing(caller):
+                    return
+                violation = build(obj, record, operation, verdict, token, holder, policy,
+                                  role, caller, self.options)
+            except Exception as exc:
+                self.internal_error(exc, "building a report")
                 return
-            violation = build(obj, record, operation, verdict, token, holder, policy, role,
-                              caller, self.options)
-        except Exception as exc:
-            self.internal_error(exc, "building a report")
-            return
+            try:
+                self.handle(violation)
+            except (ThreadAffinityError, Warning):
+                raise  # asked for: action=raise, or warnings turned into errors
+            except Exception as exc:
+                self.internal_error(exc, "reporting")
         finally:
             local.reporting = False
-        try:
-            self.handle(violation)
-        except (ThreadAffinityError, Warning):
-            raise  # asked for: action=raise, or warnings turned into errors
-        except Exception as exc:
-            self.internal_error(exc, "reporting")
 
     def handle(self, violation: Violation) -> None:
         occurrence: Occurrence | None = Occurrence(violation, set(self.options.action))
@@ -523,8 +582,11 @@ class Reporter:
 
     def log_summary(self) -> None:
         """At exit, for the machines: each kind's count, times and threads, in the log
-        (a JSON log, or any log file), by which readers (logs.py) merge processes."""
+        (a JSON log, or any log file), by which readers (logs.py) merge processes. Not
+        with ``sink=logging`` alone: nothing goes to the output then."""
         if not self.total or not (self.options.log_file or self._format == "json"):
+            return
+        if "output" not in self.options.sink:
             return
         self.logger.info(SUMMARY_EVENT, schema=SCHEMA, host=HOST, pid=os.getpid(),
                          total=self.total, lost=self.output.lost,

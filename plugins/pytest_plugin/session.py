@@ -329,8 +329,13 @@ class _Plugin:
     @property
     def runtime_options(self) -> Options:
         """What the sanitizer itself runs with: the session's options, but the exit code
-        is pytest's (the plugin's step in its pipeline gives each test its actions)."""
-        return dataclasses.replace(self.options, exitcode=None)
+        is pytest's (the plugin's step in its pipeline gives each test its actions), and
+        without a log_file the output is the test report: the logging sink, if chosen,
+        is the only one left to the core."""
+        sink = self.options.sink
+        if not self.options.log_file and "logging" in sink:
+            sink = ("logging",)
+        return dataclasses.replace(self.options, exitcode=None, sink=sink)
 
     def start(self) -> None:
         from sanitizer import control, forward, state
@@ -499,9 +504,10 @@ class _Plugin:
         thread = threading.current_thread()
         origin = getattr(thread, _ORIGIN, None)
         record: ThreadViolation | None = None
-        # The core's own log line: written only to a log_file, once per kind
-        # (otherwise the test report carries it).
-        log = {"log"} & occurrence.actions if self.options.log_file else set()
+        # The core's own log line: written only to a log_file, or sent to logging, once
+        # per kind (otherwise the test report carries it).
+        keep = self.options.log_file or "logging" in self.options.sink
+        log = {"log"} & occurrence.actions if keep else set()
         if os.getpid() != self.pid:
             # A forked child's copy of the plugin: the sanitizer forwards the
             # violation to this process's original, where it counts. Here only
