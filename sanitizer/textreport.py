@@ -85,9 +85,8 @@ def main(args: argparse.Namespace) -> int:
         rules = load_suppressions(args.suppressions) if args.suppressions else []
     except ConfigError as exc:
         return _usage_error(str(exc))
-    sources = list(logs.expand(args.logs))
-    reading = logs.read(sources)
-    if reading.unreadable and len(reading.unreadable) >= len(sources) and not reading.events:
+    reading = logs.read(args.logs)
+    if reading.unreadable and not reading.sources:
         return _usage_error("nothing could be read: " + "; ".join(reading.unreadable))
     for line in reading.problems():
         print(f"{PROG}: {line}", file=sys.stderr)
