@@ -1,7 +1,8 @@
 """SARIF 2.1.0 for code-scanning tools: one result per finding, one rule per policy met.
 
 The access site is a result's location; the creation site and the holder's site
-(the other thread's, where the policy has one) are its related locations; the
+(the other thread's first frame outside libraries, where the policy has one) are
+its related locations; the
 stacks are its code flows. Paths under the current directory are relative to
 ``%SRCROOT%``, others are ``file://`` URIs. Nothing in it points at the network.
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from sanitizer import logs
+from sanitizer import logs, stacks
 
 VERSION = "2.1.0"
 SRCROOT = "%SRCROOT%"
@@ -104,7 +105,7 @@ def _result(finding: logs.Finding, rule_index: int, root: str) -> dict[str, Any]
     }
     related: list[dict[str, Any]] = []
     for site, message in ((finding.creation_site, "created here"),
-                          (_first(event.get("holder_stack")), "in use at the same time here")):
+                          (_site_of(event.get("holder_stack")), "in use at the same time here")):
         found = _location(site, root, message, len(related) + 1)
         if found:
             related.append(found)
@@ -126,9 +127,13 @@ def _frames(stack: object) -> list[dict[str, Any]]:
     return [f for f in stack if isinstance(f, dict)] if isinstance(stack, list) else []
 
 
-def _first(stack: object) -> dict[str, Any] | None:
+def _site_of(stack: object) -> dict[str, Any] | None:
+    """A stack's site as the events choose theirs: its first frame outside libraries
+    (the holder waits in threading.py, inside the user's function), else its first."""
     frames = _frames(stack)
-    return frames[0] if frames else None
+    user = [f for f in frames if stacks.library_of(str(f.get("file", ""))) is None]
+    chosen = user or frames
+    return chosen[0] if chosen else None
 
 
 def artifact(path: str, root: str) -> dict[str, str] | None:
