@@ -59,6 +59,10 @@ class Sanitizer:
         atexit.register(self._at_exit)
 
     def stop(self) -> None:
+        try:  # stopped before exit (pytest's session end): its counts are logged all the same
+            self.reporter.log_summary()
+        except Exception as exc:
+            self.reporter.internal_error(exc, "logging the summary")
         for hook in self._hooks:
             forget(hook)
         self._hooks.clear()

@@ -3,7 +3,8 @@
 A log is what ``log_file=`` (or ``format=json`` on stderr) wrote: one
 ``thread_affinity_violation`` event per kind of misuse per process (the first
 occurrence, with its stacks), and at exit one ``thread_affinity_summary`` per
-process with each kind's exact count, times and threads. Many processes (gunicorn
+process (or per run of the sanitizer, where a process stopped it before exit) with
+each kind's exact count, times and threads. Many processes (gunicorn
 workers, xdist workers, several CI jobs) may append to one file or write their own.
 
 Reading never raises on bad input: a line that is not JSON, not a sanitizer
@@ -45,7 +46,10 @@ class Finding:
         default_factory=dict)
     first_at: str = ""
     last_at: str = ""
-    _summarized: set[Process] = dataclasses.field(default_factory=set, repr=False)
+    # Per process: the counts of its summaries so far (a process that stopped and
+    # started the sanitizer again wrote one per run), and its events since the last.
+    _summed: dict[Process, int] = dataclasses.field(default_factory=dict, repr=False)
+    _pending: dict[Process, int] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def count(self) -> int:
@@ -79,6 +83,16 @@ class Finding:
     def creation_site(self) -> dict[str, Any] | None:
         return _site(self.event, "creation")
 
+    def _count(self, process: Process, summed: int = 0, *, event: bool = False) -> None:
+        """An event (one more, until a summary covers it), or a summary's exact count
+        (which includes the events of its run that came before it)."""
+        if event:
+            self._pending[process] = self._pending.get(process, 0) + 1
+        else:
+            self._summed[process] = self._summed.get(process, 0) + summed
+            self._pending[process] = 0
+        self.counts[process] = self._summed.get(process, 0) + self._pending[process]
+
     def _seen(self, at: str) -> None:
         if at and (not self.first_at or at < self.first_at):
             self.first_at = at
@@ -96,6 +110,8 @@ class Reading:
     skipped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     newer: int = 0
     unreadable: list[str] = dataclasses.field(default_factory=list)
+    #: Files (and stdin) read to their end.
+    sources: int = 0
 
     @property
     def total(self) -> int:
@@ -160,10 +176,16 @@ def _lines(source: str) -> Iterator[str]:
 def read(sources: Iterable[str]) -> Reading:
     """Read and merge every event of ``sources``; never raises on their content."""
     merger = _Merger()
+    done: set[str] = set()
     for source in expand(sources):
+        real = source if source == "-" else os.path.realpath(source)
+        if real in done:
+            continue  # named twice (a glob and a name): its counts are not doubled
+        done.add(real)
         try:
             for line in _lines(source):
                 merger.line(line)
+            merger.reading.sources += 1
         except OSError as exc:
             merger.reading.unreadable.append(f"{source}: {exc.strerror or exc}")
         except UnicodeError as exc:  # pragma: no cover - decoding uses "replace"
@@ -214,8 +236,7 @@ class _Merger:
         finding = self.by_fingerprint.get(key)
         if finding is None:
             finding = self.by_fingerprint[key] = Finding(key, event)
-        if process not in finding._summarized:
-            finding.counts[process] = finding.counts.get(process, 0) + 1
+        finding._count(process, event=True)
         at = str(event.get("timestamp", ""))
         finding._seen(at)
         for field in ("thread", "owner_thread", "holder_thread"):
@@ -230,8 +251,7 @@ class _Merger:
             finding = self.by_fingerprint.get(key) if isinstance(key, str) else None
             if finding is None:
                 continue  # its event was lost (a full disk) or is in a log not given
-            finding.counts[process] = int(tally.get("count", 1))
-            finding._summarized.add(process)
+            finding._count(process, int(tally.get("count", 1)))
             finding._seen(str(tally.get("first_at", "")))
             finding._seen(str(tally.get("last_at", "")))
             for info in tally.get("threads") or ():

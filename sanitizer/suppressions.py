@@ -1,4 +1,8 @@
-"""Suppression rules: which violations a user has said are known, and how often each matched."""
+"""Suppression rules: which violations a user has said are known, and how often each matched.
+
+A rule means the same live (a ``Violation``, its captured frames) and after the fact
+(a logged event or ``logs.Finding``, its frame dicts ``{file, line, function}``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import dataclasses
 import fnmatch
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sanitizer import stacks
 from sanitizer.exceptions import ConfigError
+from sanitizer.logs import Finding
 
 if TYPE_CHECKING:
     from sanitizer.report import Violation
@@ -25,18 +31,43 @@ class Rule:
     origin: str
     hits: int = 0
 
-    def matches(self, violation: Violation) -> bool:
-        if self.kind == "object":
-            return fnmatch.fnmatchcase(violation.object_type, self.pattern)
-        if self.kind == "policy":
-            return fnmatch.fnmatchcase(violation.policy, self.pattern)
+    def matches(self, violation: Violation | Finding | Mapping[str, Any]) -> bool:
+        """Whether this rule covers ``violation``: a live one, or a logged finding or event."""
+        try:
+            if self.kind == "object":
+                return fnmatch.fnmatchcase(violation.object_type, self.pattern)  # type: ignore[union-attr]
+            if self.kind == "policy":
+                return fnmatch.fnmatchcase(violation.policy, self.pattern)  # type: ignore[union-attr]
+            scope, _, what = self.kind.rpartition("-")
+            live: Violation = violation  # type: ignore[assignment]
+            frames = {"access": live.access_stack, "creation": live.creation_stack,
+                      "": (*live.access_stack, *live.creation_stack)}[scope]
+            if what == "site":
+                return any(self._site_matches(*stacks.location(frame)) for frame in frames)
+            return any(fnmatch.fnmatchcase(name, self.pattern)
+                       for code, _ in frames for name in _function_names(code))
+        except AttributeError:
+            # After the fact: an event dict, or a Finding (no stacks of code objects).
+            # Told apart by the failing attribute: the live path pays no check for it.
+            if isinstance(violation, Finding):
+                return self._matches_logged(violation.event)
+            if isinstance(violation, dict):
+                return self._matches_logged(violation)
+            raise
+
+    def _matches_logged(self, event: Mapping[str, Any]) -> bool:
+        if self.kind in ("object", "policy"):
+            value = event.get("object_type" if self.kind == "object" else "policy")
+            return isinstance(value, str) and fnmatch.fnmatchcase(value, self.pattern)
         scope, _, what = self.kind.rpartition("-")
-        frames = {"access": violation.access_stack, "creation": violation.creation_stack,
-                  "": (*violation.access_stack, *violation.creation_stack)}[scope]
+        frames = [frame for name in {"access": ("access",), "creation": ("creation",),
+                                     "": ("access", "creation")}[scope]
+                  for frame in _logged_frames(event, name)]
         if what == "site":
-            return any(self._site_matches(*stacks.location(frame)) for frame in frames)
+            return any(self._site_matches(str(frame.get("file", "")), _line(frame))
+                       for frame in frames)
         return any(fnmatch.fnmatchcase(name, self.pattern)
-                   for code, _ in frames for name in _function_names(code))
+                   for frame in frames for name in _logged_function_names(frame))
 
     def _site_matches(self, filename: str, line: int) -> bool:
         if self.line is not None and self.line != line:
@@ -61,9 +92,51 @@ def _function_names(code: Any) -> tuple[str, ...]:
     return (qualname, f"{module}.{qualname}") if module else (qualname,)
 
 
-def _module_of(filename: str) -> str | None:
+def _logged_frames(event: Mapping[str, Any], which: str) -> list[Mapping[str, Any]]:
+    """A logged stack (the whole captured one, as live rules see it), else its site."""
+    stack = event.get(f"{which}_stack")
+    if not isinstance(stack, list) or not stack:
+        site = event.get(f"{which}_site")
+        stack = [site] if isinstance(site, dict) else []
+    return [frame for frame in stack if isinstance(frame, dict)]
+
+
+def _line(frame: Mapping[str, Any]) -> int:
+    line = frame.get("line")
+    return line if isinstance(line, int) else 0
+
+
+def _logged_function_names(frame: Mapping[str, Any]) -> set[str]:
+    """A logged frame's function, bare and qualified by its module.
+
+    The writing process's sys.path is not in the log: the module is found from
+    this one's (with the current directory) and, when the file is here, from the
+    packages around it (as Python would name it), either naming it.
+    """
+    qualname = str(frame.get("function", ""))
+    filename = str(frame.get("file", ""))
+    names = {qualname}
+    for module in (_module_of(filename, (*sys.path, os.getcwd())), _package_module_of(filename)):
+        if module:
+            names.add(f"{module}.{qualname}")
+    return names
+
+
+def _package_module_of(filename: str) -> str | None:
+    """The dotted name of ``filename`` by the ``__init__.py`` files above it, if it exists."""
+    if not filename.endswith(".py") or not os.path.isfile(filename):
+        return None
+    directory, base = os.path.split(os.path.abspath(filename))
+    parts = [] if base == "__init__.py" else [base[:-3]]
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        directory, package = os.path.split(directory)
+        parts.insert(0, package)
+    return ".".join(parts) or None
+
+
+def _module_of(filename: str, path: Iterable[str] | None = None) -> str | None:
     best = ""
-    for entry in sys.path:
+    for entry in sys.path if path is None else path:
         entry = os.path.abspath(entry or ".") + os.sep
         if filename.startswith(entry) and len(entry) > len(best):
             best = entry

@@ -304,9 +304,11 @@ class TestAttribution:
         log = suite.path / "log.jsonl"
         result = suite.runpytest(f"--sanitize-threads=log_file={log}")
         result.assert_outcomes(failed=1)
-        [record] = [json.loads(line) for line in log.read_text().splitlines()]
+        [record, summary] = [json.loads(line) for line in log.read_text().splitlines()]
         assert record["event"] == "thread_affinity_violation"
         assert record["thread"]["name"] == "worker"
+        # Written as the session stops the sanitizer: its exact counts, for readers.
+        assert summary["event"] == "thread_affinity_summary" and summary["total"] == 1
 
     def test_executor_and_swallowed_exception(self, suite: pytest.Pytester) -> None:
         suite.makepyfile('''
