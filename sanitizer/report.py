@@ -376,6 +376,7 @@ class Log:
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         if "log" in occurrence.actions:
             self.reporter.logger.warning(EVENT, **occurrence.violation.event())
+            self.reporter.logged += 1
         return occurrence
 
 
@@ -458,6 +459,8 @@ class Reporter:
         self._logger: Any = None
         self.suppress = Suppress(self.rules)
         self.dedup = Dedup()
+        #: Events this process wrote to the output (Log): the exit summary goes with them.
+        self.logged = 0
         # Integrations (the pytest plugin, forwarding from children) go between.
         sinks: list[Processor] = [Log(self)] if "output" in options.sink else []
         if "logging" in options.sink:
@@ -582,11 +585,10 @@ class Reporter:
 
     def log_summary(self) -> None:
         """At exit, for the machines: each kind's count, times and threads, in the log
-        (a JSON log, or any log file), by which readers (logs.py) merge processes. Not
-        with ``sink=logging`` alone: nothing goes to the output then."""
-        if not self.total or not (self.options.log_file or self._format == "json"):
-            return
-        if "output" not in self.options.sink:
+        (a JSON log, or any log file), by which readers (logs.py) merge processes. Only
+        where this process's events went: not when none was written (``sink=logging``
+        alone; pytest without a log_file, whose events are the test report's)."""
+        if not self.logged or not (self.options.log_file or self._format == "json"):
             return
         self.logger.info(SUMMARY_EVENT, schema=SCHEMA, host=HOST, pid=os.getpid(),
                          total=self.total, lost=self.output.lost,
@@ -605,6 +607,7 @@ class Reporter:
     def reset_after_fork(self) -> None:
         """A child reports its own violations; the parent's are not repeated at its exit."""
         self.dedup.reset_after_fork()
+        self.logged = 0
         self._local = threading.local()
         self.output.reset_after_fork()
         for rule in self.rules:
