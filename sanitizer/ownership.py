@@ -102,8 +102,8 @@ class OwnerRecord:
         self.sharing = 0
         # -- for the HTML timeline: set here and on cold paths only, but ``history`` --
         self.created = time.time()
-        #: Transfers and sharing windows: (time, what, thread token), see note().
-        self.story: list[tuple[float, str, threads.ThreadToken]] | None = None
+        #: Transfers and sharing windows: (time, what, thread token, previous owner).
+        self.story: list[tuple[float, str, threads.ThreadToken, object]] | None = None
         #: The last accesses, (thread token, time, code, offset) each, when the
         #: ``history`` option keeps them (guards append; a deque drops the oldest).
         self.history: collections.deque[tuple[Any, float, Any, int]] | None = (
@@ -140,10 +140,11 @@ class OwnerRecord:
             me = threads.local.token
             self.binding = Binding(stack, me, loops.describe_task(loops.current_task(me)))
 
-    def note(self, what: str) -> None:
+    def note(self, what: str, previous: object = None) -> None:
         """Remember a change of hands (``transfer``, ``shared``, ``unshared``) for the
-        timeline: the first STORY_LIMIT, then only the last one is replaced."""
-        entry = (time.time(), what, threads.local.token)
+        timeline, and for a transfer the owner before it: the first STORY_LIMIT, then
+        only the last one is replaced."""
+        entry = (time.time(), what, threads.local.token, previous)
         story = self.story
         if story is None:
             self.story = [entry]
@@ -163,7 +164,7 @@ class OwnerRecord:
             self.note("unshared")
 
     def transfer_to_current_thread(self) -> None:
-        self.note("transfer")
+        self.note("transfer", self.owner)
         owner = self.owner = threads.local.token
         self.owner_context = threads.describe_current()
         self.pid = owner.pid

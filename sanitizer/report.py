@@ -259,8 +259,7 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         after_the_fact=policy.after_the_fact,
         at=time.time(),
         created_at=record.created,
-        story=[{"at": iso(at), "what": what, "thread": who.as_dict()}
-               for at, what, who in record.story or ()],
+        story=[_story_entry(*entry) for entry in record.story or ()],
         history=_history(record),
         derived_site=record.derived_site,
     )
@@ -271,6 +270,14 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
     # (the pytest plugin: the fixture's and the test's loop scopes).
     violation.hint = policy.advice_for(violation, record) or Policy.advice
     return violation
+
+
+def _story_entry(at: float, what: str, who: threads.ThreadToken, previous: object
+                 ) -> dict[str, Any]:
+    entry = {"at": iso(at), "what": what, "thread": who.as_dict()}
+    if isinstance(previous, threads.ThreadToken):
+        entry["from"] = previous.as_dict()  # a transfer's previous owner
+    return entry
 
 
 def _history(record: OwnerRecord) -> list[dict[str, Any]]:

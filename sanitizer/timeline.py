@@ -128,11 +128,16 @@ def build(finding: Finding) -> Timeline:
     threads = {serial: info for (h, p, serial), info in finding.threads.items()
                if (h, p) == (host, pid)}
     owner = event.get("owner_thread")
-    transferred = any(isinstance(s, dict) and s.get("what") == "transfer"
-                      for s in event.get("story") or ())
-    # After a transfer owner_thread is the new owner; who made the object is not logged.
-    creator_lane = "object" if transferred else None
-    if creator_lane:
+    transfers = [s for s in event.get("story") or ()
+                 if isinstance(s, dict) and s.get("what") == "transfer"]
+    # After a transfer owner_thread is the new owner: the maker is the first transfer's
+    # previous owner ("from"), where the log has it.
+    maker = transfers[0].get("from") if transfers else None
+    creator_lane = None
+    if isinstance(maker, dict):
+        creator_lane = line.lane_of_thread(maker)
+    elif transfers:
+        creator_lane = "object"
         line.lanes[creator_lane] = "made by (thread not logged: transferred since)"
     owner_lane = line.lane_of_thread(owner)
     # Lanes in the order a reader wants them: the owner, who touched it, the holder.
@@ -147,9 +152,10 @@ def build(finding: Finding) -> Timeline:
 
     created = parse_time(event.get("created_at"))
     if created is not None:
-        maker = "" if creator_lane else f" by {thread_label(owner)}"
+        made_by = (f" by {thread_label(maker)}" if isinstance(maker, dict)
+                   else "" if creator_lane else f" by {thread_label(owner)}")
         line.marks.append(Mark(creator_lane or owner_lane, created, "created",
-                               f"created at {event.get('created_at')}{maker}, "
+                               f"created at {event.get('created_at')}{made_by}, "
                                f"{_site_text(event.get('creation_site'))}"))
         owner_loop = event.get("owner_loop")
         if isinstance(owner_loop, dict) and not event.get("bound_stack"):

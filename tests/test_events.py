@@ -100,6 +100,7 @@ def test_the_story_has_sharing_windows_and_transfers_in_order(sanitized: Any) ->
     assert [(s["what"], s["thread"]["name"]) for s in story] == [
         ("shared", "MainThread"), ("unshared", "MainThread"), ("transfer", "taker")]
     assert [s["at"] for s in story] == sorted(s["at"] for s in story)
+    assert story[2]["from"]["name"] == "MainThread" and "from" not in story[0]
 
 
 def test_history_keeps_the_last_accesses_with_their_sites(enable: Any) -> None:

@@ -220,8 +220,11 @@ def test_the_timeline_draws_lanes_marks_windows_and_transfers(report: Report) ->
     svg = page.split("<svg")[1].split("</svg>")[0]
     assert svg.count('class="mark transfer"') == 1
     assert "transferred to T" in svg and "taker" in svg
-    # The creator is not in the event after a transfer: said, not guessed.
-    assert "thread not logged: transferred since" in svg
+    # The maker is the first transfer's previous owner: its lane has the creation mark.
+    [transfer] = [s for s in event["story"] if s["what"] == "transfer"]
+    assert transfer["from"]["name"] == "MainThread"
+    assert "created at" in svg and "by T0 &#x27;MainThread&#x27;" in svg
+    assert "thread not logged" not in svg
 
 
 def test_hostile_names_are_escaped_everywhere(report: Report) -> None:
