@@ -7,16 +7,16 @@ to the hot path, against the same tracked call without it and the raw call:
     python benchmarks/bench_history.py            # 20,000 calls per run
     python benchmarks/bench_history.py --calls 5000
 
-Counts are the difference between a program making N calls and one making none,
-divided by N: the same however busy the machine is. Two identical runs still differ
-by up to a few hundred instructions per call here (the interpreter's start-up and
-allocator are not quite repeatable), so each figure is the median of ``--repeats``.
+Only the calls are counted: the loop runs inside ``sys.call_tracing`` and callgrind
+collects inside it alone (callgrind.ONLY_CALL_TRACING), so the interpreter's
+start-up, which differs by millions of instructions between identical runs, is left
+out. The figure is the difference between N calls and none, divided by N: exact and
+repeatable, however busy the machine is.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import callgrind  # benchmarks/callgrind.py, beside this script
 
@@ -38,34 +38,35 @@ if target == "sqlite3":
 else:
     thing = Thing() if variant == "raw" else sanitizer.track(Thing())
     call = thing.use
-for _ in range(calls):
-    call()
+
+def loop(n):
+    for _ in range(n):
+        call()
+
+sys.call_tracing(loop, (calls,))
 """
 
 VARIANTS = ("raw", "0", "16", "1000")
 TARGETS = {"sqlite3": "sqlite3 conn.execute('select 1')", "method": "a tracked Python method"}
 
 
-def count(run: tuple[str, str, int, int]) -> tuple[int, int]:
-    variant, target, calls, _repeat = run
-    return callgrind.count(PROGRAM, variant, target, str(calls))
+def count(run: tuple[str, str, int]) -> tuple[int, int]:
+    variant, target, calls = run
+    return callgrind.count(PROGRAM, variant, target, str(calls),
+                           only_inside=callgrind.ONLY_CALL_TRACING)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    calls, repeats = args.calls, args.repeats
-    runs = [(v, t, n, r) for t in TARGETS for v in VARIANTS for n in (0, calls)
-            for r in range(repeats)]
+    parser.add_argument("--calls", type=int, default=5_000)
+    calls = parser.parse_args().calls
+    runs = [(v, t, n) for t in TARGETS for v in VARIANTS for n in (0, calls)]
     counted = {run: found[0] for run, found in callgrind.all_of(runs, count).items()}
-    print(f"Instructions per call (callgrind; {calls:,} calls minus none; "
-          f"median of {repeats}):")
+    print(f"Instructions per call (callgrind, inside the loop only; {calls:,} calls "
+          "minus none):")
     for target, label in TARGETS.items():
-        per = {v: statistics.median(
-            (counted[v, target, calls, r] - counted[v, target, 0, r]) / calls
-            for r in range(repeats)) for v in VARIANTS}
+        per = {v: (counted[v, target, calls] - counted[v, target, 0]) / calls
+               for v in VARIANTS}
         tracked = per["0"]
         print(f"  {label:<36} raw {per['raw']:6.0f}   tracked {tracked:6.0f} "
               f"(x{tracked / per['raw']:.2f})" + "".join(

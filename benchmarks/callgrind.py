@@ -21,16 +21,26 @@ _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 _ALLOCATOR = re.compile(r"^\s*([\d,]+) \(.*/malloc/.*\[.*libc\.so.*\]$", re.MULTILINE)
 
 
-def count(program: str, *args: str, allocator: bool = False) -> tuple[int, int]:
+#: For ``count(..., only_inside=ONLY_CALL_TRACING)``: the program runs what it measures
+#: as ``sys.call_tracing(func, args)``, and only instructions inside that call count.
+#: Start-up, which differs by millions of instructions between identical runs, is left out.
+ONLY_CALL_TRACING = "sys_call_tracing*"
+
+
+def count(program: str, *args: str, allocator: bool = False,
+          only_inside: str | None = None) -> tuple[int, int]:
     """Instructions that ``python -c program args`` executes, and (with ``allocator``)
     how many of them were glibc's malloc's. Run from a temporary directory, so that
-    the installed package is measured, not the source tree; without SANITIZE_THREADS."""
+    the installed package is measured, not the source tree; without SANITIZE_THREADS.
+    ``only_inside``: count only inside calls of this C function (callgrind's
+    --toggle-collect), e.g. ONLY_CALL_TRACING."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # dict layouts, so counts, repeat
     env.pop("SANITIZE_THREADS", None)
     with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
         target = out.name if allocator else "/dev/null"
+        toggle = [f"--toggle-collect={only_inside}"] if only_inside else []
         done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={target}",
-                               sys.executable, "-c", program, *args],
+                               *toggle, sys.executable, "-c", program, *args],
                               env=env, capture_output=True, text=True,
                               cwd=tempfile.gettempdir())
         match = _REFS.search(done.stderr)
