@@ -57,6 +57,7 @@ from sanitizer.plugin import (
     OwnerRecord,
     Plugin,
     Policy,
+    fork_safe,
     internal_error,
     new_record,
 )
@@ -152,7 +153,7 @@ APPENDERS = ("appender", "query_appender")
 # Where a tracked object's guards find its record: on its one-off class.
 OWN_CLASS = "__class__"
 _DONE = object()
-_adopting = threading.Lock()
+_adopting = fork_safe(threading.Lock())  # renewed in a forked child
 
 
 def adopt(obj: Any, tracked: type, record: OwnerRecord) -> Any:

@@ -185,9 +185,9 @@ class Sanitizer:
                     pass
             os._exit(code)  # like ThreadSanitizer's exitcode=66; we run last among atexit
 
-    def renew_after_fork(self) -> None:
+    def renew_after_fork(self, import_cut_short: bool = False) -> None:
         """In a forked child (state's fork handler): the child reports its own."""
-        self.reporter.reset_after_fork()
+        self.reporter.reset_after_fork(import_cut_short)
 
 
 def running() -> Sanitizer | None:

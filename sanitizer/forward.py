@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sanitizer import stacks
 from sanitizer.render import OwnDescriptor
 from sanitizer.report import Violation
-from sanitizer.state import STATE
+from sanitizer.state import fork_safe
 
 if TYPE_CHECKING:
     from sanitizer.report import Occurrence, Reporter
@@ -72,14 +72,13 @@ class Forwarder:
         self.reporter = reporter
         self.collector = collector
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._pid = 0  # the process that the state below belongs to
         # Opened by path at the first record; no O_CREAT: once the collector has
         # removed the channel, nothing is written.
         self._out = OwnDescriptor(
             lambda: os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), now=False)
         self._refs: dict[tuple[object, ...], str] = {}  # violation key -> its record's ref
-        STATE.forwarders.add(self)
 
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         pid = os.getpid()
@@ -127,12 +126,6 @@ class Forwarder:
         data = (json.dumps(record, default=repr, separators=(",", ":")) + "\n").encode(
             "utf-8", "replace")
         self._out.write(data)  # one write per line: whole, and before any os._exit
-
-
-def renew_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held a forwarder's lock."""
-    for forwarder in list(STATE.forwarders):
-        forwarder._lock = threading.Lock()
 
 
 # -- the collector's side -----------------------------------------------------------------
@@ -235,7 +228,7 @@ class Channel:
         self._offset = 0
         self._partial = b""
         self._records: dict[str, ForwardedViolation] = {}
-        self._reading = threading.Lock()
+        self._reading = fork_safe(threading.Lock())
         self._previous = os.environ.get(ENV_VAR)
         os.environ[ENV_VAR] = f"{self.pid}:{self.path}"
         atexit.register(self.close)  # a collector that ends without close() leaves nothing

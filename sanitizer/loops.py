@@ -12,7 +12,6 @@ Python 3.10 and 3.11).
 from __future__ import annotations
 
 import dataclasses
-import threading
 import weakref
 from collections.abc import Callable
 from types import FrameType
@@ -194,8 +193,8 @@ def task_phrase(task: dict[str, Any]) -> str:
 
 
 def renew_after_fork() -> None:
-    """In a forked child no loop runs yet, and the parent's threads are gone."""
-    STATE.loop_lock = threading.Lock()
+    """In a forked child no loop runs yet, and the parent's threads are gone (the
+    fork handler renewed STATE.loop_lock already)."""
     for token in list(STATE.loop_tokens.values()):
         token.thread = token.ident = None
 

@@ -68,7 +68,7 @@ from sanitizer.policies import (
 )
 from sanitizer.proxy import TrackedProxy
 from sanitizer.report import Violation
-from sanitizer.state import STATE
+from sanitizer.state import STATE, fork_safe
 from sanitizer.threads import ThreadDescriber, ThreadToken
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ __all__ = [
     "ThreadToken",
     "TrackedProxy",
     "Violation",
+    "fork_safe",
     "internal_error",
     "new_record",
     "qualified_type",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json  # now, not in a report: a forked child may need it (Reporter.logger)
 import os
 import sys
 import threading
@@ -28,7 +29,9 @@ from sanitizer.render import (
     build_logger,
     iso,
     open_output,
+    render_console,
 )
+from sanitizer.state import STATE, fork_safe
 from sanitizer.suppressions import Rule, load_suppressions
 
 _FINALIZER_CODES = {weakref.finalize.__call__.__code__}
@@ -348,7 +351,7 @@ class Dedup:
     def __init__(self) -> None:
         self.unique: dict[tuple[object, ...], Violation] = {}
         self.total = 0
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())  # renewed in a forked child
 
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         violation = occurrence.violation
@@ -367,8 +370,8 @@ class Dedup:
         return occurrence
 
     def reset_after_fork(self) -> None:
-        """A child counts its own; the parent's are not repeated at its exit."""
-        self._lock = threading.Lock()
+        """A child counts its own; the parent's are not repeated at its exit. (The lock
+        was renewed already, by the fork handler.)"""
         self.unique = {}
         self.total = 0
 
@@ -451,6 +454,38 @@ def raise_(occurrence: Occurrence) -> Occurrence:
     return occurrence
 
 
+def _half_imported(name: str) -> bool:
+    """Whether ``name`` is being imported (in a forked child: by a thread that is gone)."""
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return getattr(spec, "_initializing", False) is True
+
+
+class PlainLogger:
+    """The events as the structlog pipeline writes them (render.processors), without
+    structlog: for a child forked while its parent was importing it."""
+
+    def __init__(self, writer: LineWriter, fmt: str) -> None:
+        self.writer = writer
+        self.format = fmt
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        fields.update(event=event, level=level, timestamp=iso(time.time()))
+        if self.format == "console" and event == EVENT:
+            line = render_console(None, level, fields)
+        else:
+            line = json.dumps(fields, default=repr)
+        self.writer.msg(line)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log("warning", event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log("error", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log("info", event, **fields)
+
+
 class Reporter:
     """The pipeline, top to bottom: suppress, dedup, the integrations' steps, the sinks
     (``sink``: Log for output, ToLogging for logging), warn, raise.
@@ -481,9 +516,11 @@ class Reporter:
 
     @property
     def logger(self) -> Any:
-        """The structlog pipeline, built at the first event."""
+        """The structlog pipeline, built at the first event (which imports structlog)."""
         if self._logger is None:
-            self._logger = build_logger(self.output, self._format)
+            with STATE.importing:  # held while importing: the fork handler can tell
+                if self._logger is None:
+                    self._logger = build_logger(self.output, self._format)
         return self._logger
 
     @property
@@ -611,8 +648,14 @@ class Reporter:
                 return  # fd 2 is closed: nowhere to say it
         stderr.write_text("\n".join(lines))
 
-    def reset_after_fork(self) -> None:
-        """A child reports its own violations; the parent's are not repeated at its exit."""
+    def reset_after_fork(self, import_cut_short: bool = False) -> None:
+        """A child reports its own violations; the parent's are not repeated at its exit.
+
+        If fork() came while a thread of the parent imported structlog (its first
+        report), the child cannot import it: the module's import lock belongs to a
+        thread that is gone. It writes its events without structlog instead."""
+        if self._logger is None and (import_cut_short or _half_imported("structlog")):
+            self._logger = PlainLogger(self.output, self._format)
         self.dedup.reset_after_fork()
         self.logged = 0
         self._local = threading.local()

@@ -9,8 +9,13 @@ writes its shared state here, and nowhere else. Two kinds live in it:
   saves it when it starts and restores it when it stops, so that disable() is
   the exact inverse of enable();
 * **bookkeeping** of the process (thread tokens and their serials, the live
-  owner records, the forwarders): it outlives any one sanitizer, and is renewed
+  owner records, the locks): it outlives any one sanitizer, and is renewed
   in a forked child.
+
+Every lock the sanitizer makes is made through ``fork_safe``, so that the fork
+handler reinitialises it in the child, as ``logging`` does with its handlers'
+locks: a thread that held one at ``fork()`` (mid-report) does not exist there,
+and would otherwise never release it.
 
 Importing this module imports nothing else of the sanitizer.
 """
@@ -23,17 +28,28 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sanitizer.control import Sanitizer
-    from sanitizer.forward import Forwarder
     from sanitizer.loops import LoopToken, TaskSupport
     from sanitizer.ownership import OwnerRecord
     from sanitizer.policies import Policy, Sink
     from sanitizer.threads import ThreadDescriber, ThreadToken
+
+
+_Lock = TypeVar("_Lock")
+#: Every lock made by fork_safe (weakly: a dead reporter's goes with it).
+_LOCKS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def fork_safe(lock: _Lock) -> _Lock:
+    """``lock`` (a threading.Lock or RLock), reinitialised in a forked child by the
+    fork handler; every lock of the sanitizer and its plugins is made through it."""
+    _LOCKS.add(lock)
+    return lock
 
 
 @dataclasses.dataclass
@@ -52,7 +68,7 @@ class State:
     def __init__(self) -> None:
         # -- configuration: saved by Sanitizer.start, restored by Sanitizer.stop --
         self.running: Sanitizer | None = None
-        self.lifecycle = threading.RLock()  # enable/disable
+        self.lifecycle = fork_safe(threading.RLock())  # enable/disable
         #: Where guards report (the running sanitizer's Reporter.report), or None.
         self.sink: Sink | None = None
         #: Policies by name: the built-ins, and those of the running plugins.
@@ -88,12 +104,14 @@ class State:
             weakref.WeakValueDictionary())  # live tokens by thread ident
         self.records: list[weakref.ref[OwnerRecord]] = []  # for marking after fork
         self.records_limit = 1024  # prune dead references when there are this many
-        self.pruning = threading.Lock()
-        self.forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+        self.pruning = fork_safe(threading.Lock())
         self.loop_serials = itertools.count(1)  # loop serials, never reused (L1, L2 ...)
         self.loop_tokens: weakref.WeakKeyDictionary[Any, LoopToken] = (
             weakref.WeakKeyDictionary())
-        self.loop_lock = threading.Lock()
+        self.loop_lock = fork_safe(threading.Lock())
+        #: Held while the reporter imports structlog (its first event): a child forked
+        #: meanwhile cannot import it (Reporter.reset_after_fork).
+        self.importing = fork_safe(threading.Lock())
 
     def save(self) -> dict[str, Any]:
         """A copy of the configuration, for restore()."""
@@ -130,6 +148,11 @@ STATE = State()
 
 def _after_fork_in_child() -> None:
     """The one fork handler: renew the child's state, in dependency order."""
+    import_cut_short = STATE.importing.locked()
+    # First: whatever follows may take one. The parent's threads that held them
+    # (a report half-written, a record list half-pruned) are gone in the child.
+    for lock in list(_LOCKS):
+        lock._at_fork_reinit()
     modules = sys.modules
     threads = modules.get("sanitizer.threads")
     if threads is not None:
@@ -140,11 +163,8 @@ def _after_fork_in_child() -> None:
     ownership = modules.get("sanitizer.ownership")
     if ownership is not None:
         ownership.invalidate_after_fork()
-    forward = modules.get("sanitizer.forward")
-    if forward is not None:
-        forward.renew_after_fork()
     if STATE.running is not None:
-        STATE.running.renew_after_fork()
+        STATE.running.renew_after_fork(import_cut_short)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
