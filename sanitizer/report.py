@@ -24,7 +24,6 @@ from sanitizer.render import (
     HOST,
     SCHEMA,
     SUMMARY_EVENT,
-    LineWriter,
     build_logger,
     iso,
     open_output,
@@ -602,14 +601,12 @@ class Reporter:
                          violations=[v.tally() for v in self.unique_violations()])
 
     def write_summary(self, lines: list[str]) -> None:
-        """The exit summary, to stderr, by the same checked path as reports; never raises."""
-        stderr = self.output
-        if self.output.path is not None:
-            try:
-                stderr = LineWriter(None)  # the log file is elsewhere; at exit, once
-            except OSError:
-                return  # fd 2 is closed: nowhere to say it
-        stderr.write_text("\n".join(lines))
+        """The exit summary, to stderr (never to a file the program put on fd 2); never
+        raises."""
+        if self.output.path is None:
+            self.output.write_text("\n".join(lines))  # by the same checked path as reports
+        else:
+            self.output.tell("\n".join(lines))  # the log file is elsewhere
 
     def reset_after_fork(self) -> None:
         """A child reports its own violations; the parent's are not repeated at its exit."""
