@@ -94,12 +94,12 @@ class LineWriter:
         # One check-reopen-write at a time (no leaked reopens); reentrant, so that a
         # signal handler reporting in the middle of a write cannot deadlock the program.
         self._lock = threading.RLock()
-        #: fd 2's file when we started (None: not open for writing): "stderr" from then on.
+        #: fd 2's file when we started (None: not open for writing): "stderr" from then on,
+        #: where people are told (``tell``) through a copy of our own.
         self._stderr = _writable_identity(2)
-        if path is not None:
-            self._out = OwnDescriptor(self._open, by_path=True)
-        else:  # with no stderr at all, every report is counted as lost (never raised)
-            self._out = OwnDescriptor(self._dup_stderr, now=self._stderr is not None)
+        # With no stderr at all, every report to it is counted as lost (never raised).
+        self._told = OwnDescriptor(self._dup_stderr, now=self._stderr is not None)
+        self._out = self._told if path is None else OwnDescriptor(self._open, by_path=True)
 
     @property
     def fd(self) -> int:
@@ -151,17 +151,13 @@ class LineWriter:
                     pass
 
     def tell(self, text: str) -> None:
-        """Lines for people on stderr (the first loss, the exit summary), best effort: on
-        fd 2 while it is still the stderr we started with, never into a file the program
-        opened after closing fd 2."""
-        data = _line(text)
-        try:
-            if self._stderr is None or _writable_identity(2) != self._stderr:
-                return
-            while data:
-                data = data[os.write(2, data):]
-        except OSError:
-            pass  # stderr may be the very destination that broke
+        """Lines for people on stderr (the first loss, the exit summary), best effort: to
+        the stderr we started with, never into a file the program put on fd 2 since."""
+        with self._lock:
+            try:
+                self._told.write(_line(text))
+            except OSError:
+                pass  # stderr may be the very destination that broke
 
     def _say_failure(self, exc: OSError) -> None:
         """The first loss is said once, on stderr; later ones only count."""
