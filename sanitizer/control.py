@@ -135,8 +135,13 @@ class Sanitizer:
 
     def new_record(self, obj: object, policy: policies.Policy, name: str | None = None
                    ) -> ownership.OwnerRecord:
-        return ownership.new_record(policy, obj, name=name,
-                                    stack_depth=self.options.stack_depth)
+        """A record for ``obj``; UNTRACKED (never checked) if making it failed (a bug)."""
+        try:
+            return ownership.new_record(policy, obj, name=name,
+                                        stack_depth=self.options.stack_depth)
+        except Exception as exc:
+            self.reporter.internal_error(exc, "creating a record")
+            return ownership.UNTRACKED
 
     def instrument_class(self, cls: type, policy: policies.Policy, *,
                          track_instances: bool = True) -> None:

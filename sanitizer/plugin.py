@@ -162,9 +162,13 @@ def new_record(obj: object, policy: Policy, *, object_type: str | None = None,
     parent: OwnerRecord | None = getattr(STATE.deriving, "record", None)
     if parent is not None:
         return parent
-    # The capture starts at the plugin's frame: the ones above it are ours.
-    return ownership.new_record(policy, obj, object_type, running.options.stack_depth, name,
-                                resource, None, _frame or sys._getframe(1))
+    try:
+        # The capture starts at the plugin's frame: the ones above it are ours.
+        return ownership.new_record(policy, obj, object_type, running.options.stack_depth,
+                                    name, resource, None, _frame or sys._getframe(1))
+    except Exception as exc:  # a bug: the object is made all the same, untracked
+        running.reporter.internal_error(exc, "creating a record")
+        return UNTRACKED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,9 +292,13 @@ class Context:
         first user frame, ``derived_site`` in reports), not a stack of its own."""
         if parent.policy is None:
             return None
-        record = ownership.new_record(policy, obj, resource=parent.resource,
-                                      creation_stack=parent.creation_stack)
-        record.derived_site = stacks.site_of(stacks.capture(1, sys._getframe(1)))
+        try:
+            record = ownership.new_record(policy, obj, resource=parent.resource,
+                                          creation_stack=parent.creation_stack)
+            record.derived_site = stacks.site_of(stacks.capture(1, sys._getframe(1)))
+        except Exception as exc:  # a bug: the object is made all the same, untracked
+            internal_error(exc, "creating a record")
+            return None
         return record
 
     @contextlib.contextmanager

@@ -906,8 +906,14 @@ def slow_path(obj: object, record: OwnerRecord, operation: str, holder: object,
         return False
     if token.pid != os.getpid():  # pragma: no cover - fork handler did not run
         token = threads.local.token = threads.ThreadToken()
-    holder = policy.holder(record, token, holder)
-    violated = policy.violated(record, token, holder, obj, operation)
+    try:
+        holder = policy.holder(record, token, holder)
+        violated = policy.violated(record, token, holder, obj, operation)
+    except Exception as exc:  # a bug in a policy: the call goes on, unchecked
+        running = STATE.running
+        if running is not None:
+            running.reporter.internal_error(exc, f"checking the {policy.name} policy")
+        return False
     if violated is None:
         return False
     report(obj, record, operation, violated, token, holder, policy, role)

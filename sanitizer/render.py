@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -33,11 +34,15 @@ class OwnDescriptor:
     program closed it or put a file of its own under its number (a daemon's
     ``closerange``, a ``dup2``): the sanitizer never writes to, or closes, the program's.
 
-    Checked before each write; writes are rare (one per unique violation).
+    Checked before each write; writes are rare (one per unique violation). With
+    ``by_path``, a file of ours that was deleted (or its folder) is reopened too:
+    lines written to an unlinked file are lost without a trace.
     """
 
-    def __init__(self, reopen: Callable[[], int], *, now: bool = True) -> None:
+    def __init__(self, reopen: Callable[[], int], *, now: bool = True,
+                 by_path: bool = False) -> None:
         self.reopen = reopen
+        self.by_path = by_path
         self.fd = -1
         self._identity: tuple[int, int] | None = None
         if now:
@@ -53,13 +58,18 @@ class OwnDescriptor:
             self._open()
         else:
             try:
-                ours = _identity(self.fd) == self._identity
+                st = os.fstat(self.fd)
+                ours = (st.st_dev, st.st_ino) == self._identity
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
                 ours = False
             if not ours:
                 self._open()  # the old number is the program's now (or free)
+            elif self.by_path and st.st_nlink == 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)  # still ours, but nobody can read what goes there
+                self._open()  # the path again; fails if its folder is gone
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
@@ -84,7 +94,12 @@ class LineWriter:
         # One check-reopen-write at a time (no leaked reopens); reentrant, so that a
         # signal handler reporting in the middle of a write cannot deadlock the program.
         self._lock = threading.RLock()
-        self._out = OwnDescriptor(self._open)
+        #: fd 2's file when we started (None: not open for writing): "stderr" from then on,
+        #: where people are told (``tell``) through a copy of our own.
+        self._stderr = _writable_identity(2)
+        # With no stderr at all, every report to it is counted as lost (never raised).
+        self._told = OwnDescriptor(self._dup_stderr, now=self._stderr is not None)
+        self._out = self._told if path is None else OwnDescriptor(self._open, by_path=True)
 
     @property
     def fd(self) -> int:
@@ -98,6 +113,14 @@ class LineWriter:
             return os.dup(2)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         return os.open(self.path, flags, 0o644)
+
+    def _dup_stderr(self) -> int:
+        """A new descriptor for stderr, close-on-exec (os.dup, PEP 446): fd 2 again, but only
+        while it is the file it was when we started. A program that closed fd 2 gets that
+        number for its next file, which must never get our lines."""
+        if self._stderr is None or _writable_identity(2) != self._stderr:
+            raise OSError(errno.EBADF, "stderr was closed or replaced by the program")
+        return os.dup(2)
 
     def _write(self, data: bytes) -> None:
         """Write all of ``data`` to our destination, or raise the OSError."""
@@ -127,14 +150,19 @@ class LineWriter:
                 except OSError:
                     pass
 
+    def tell(self, text: str) -> None:
+        """Lines for people on stderr (the first loss, the exit summary), best effort: to
+        the stderr we started with, never into a file the program put on fd 2 since."""
+        with self._lock:
+            try:
+                self._told.write(_line(text))
+            except OSError:
+                pass  # stderr may be the very destination that broke
+
     def _say_failure(self, exc: OSError) -> None:
-        """The first loss is said once, on fd 2; later ones only count."""
-        notice = (f"sanitizer: cannot write reports to {self.name}: {exc}; "
+        """The first loss is said once, on stderr; later ones only count."""
+        self.tell(f"sanitizer: cannot write reports to {self.name}: {exc}; "
                   "further reports are counted, not written")
-        try:
-            os.write(2, _line(notice))
-        except OSError:
-            pass  # stderr may be the very destination that broke
 
     def reset_after_fork(self) -> None:
         """A child counts (and says) its own losses; the lock may have been held at fork."""
@@ -152,6 +180,17 @@ def _identity(fd: int) -> tuple[int, int]:
     """Which file a descriptor is open on."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _writable_identity(fd: int) -> tuple[int, int] | None:
+    """Which file ``fd`` is open on for writing; None if it is closed or read-only (with fd
+    2 closed at start, site.py's .pth file is fd 2 while the sanitizer starts)."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            return None
+        return _identity(fd)
+    except OSError:
+        return None
 
 
 def render_console(_logger: object, _method: str, event_dict: dict[str, Any]) -> str:

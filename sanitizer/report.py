@@ -25,7 +25,6 @@ from sanitizer.render import (
     HOST,
     SCHEMA,
     SUMMARY_EVENT,
-    LineWriter,
     build_logger,
     iso,
     open_output,
@@ -200,6 +199,23 @@ class Violation:
         return fields
 
 
+def _step_name(step: Processor) -> str:
+    """A pipeline step's name, as internal errors say it."""
+    name = getattr(step, "__qualname__", None) or type(step).__qualname__
+    return str(name)
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where ``exc`` was raised: the innermost frame of its traceback, ``file:line in f``."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "<unknown>"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
+
+
 def _site_dict(frame: stacks.Frame | None) -> dict[str, object] | None:
     return stacks.frame_dict(frame) if frame is not None else None
 
@@ -329,17 +345,26 @@ Processor = Callable[[Occurrence], "Occurrence | None"]
 
 
 class Suppress:
-    """Drops what a suppression rule matches, and counts the rule's hits."""
+    """Drops what a suppression rule matches, and counts the rule's hits. A rule that
+    fails to match (a bug) suppresses nothing: the violation is reported."""
 
-    def __init__(self, rules: list[Rule]) -> None:
+    def __init__(self, rules: list[Rule],
+                 on_error: Callable[[BaseException, str], None] | None = None) -> None:
         self.rules = rules
+        self.on_error = on_error
 
     def __call__(self, occurrence: Occurrence) -> Occurrence | None:
         return None if self.suppressed(occurrence.violation) else occurrence
 
     def suppressed(self, violation: Violation) -> bool:
         for rule in self.rules:
-            if rule.matches(violation):
+            try:
+                matched = rule.matches(violation)
+            except Exception as exc:
+                if self.on_error is not None:
+                    self.on_error(exc, "matching suppressions")
+                continue
+            if matched:
                 rule.hits += 1
                 return True
         return False
@@ -385,7 +410,12 @@ class Log:
 
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         if "log" in occurrence.actions:
-            self.reporter.logger.warning(EVENT, **occurrence.violation.event())
+            try:
+                self.reporter.logger.warning(EVENT, **occurrence.violation.event())
+            except Exception as exc:  # rendering (the writer itself never raises): the
+                # steps after it (other sinks, warn, raise) still run
+                self.reporter.internal_error(exc, "rendering a report")
+                return occurrence
             self.reporter.logged += 1
         return occurrence
 
@@ -499,7 +529,7 @@ class Reporter:
         self.rules = load_suppressions(options.suppressions) if options.suppressions else []
         self.output, self._format = open_output(options)
         self._logger: Any = None
-        self.suppress = Suppress(self.rules)
+        self.suppress = Suppress(self.rules, self.internal_error)
         self.dedup = Dedup()
         #: Events this process wrote to the output (Log): the exit summary goes with them.
         self.logged = 0
@@ -512,7 +542,7 @@ class Reporter:
         #: Names of functions that finalize objects: uses inside them are no uses.
         self.finalizers: set[str] = {"__del__"}
         self._local = threading.local()
-        self._internal_errors: set[tuple[str, str]] = set()
+        self._internal_errors: set[tuple[str, str, str]] = set()
 
     @property
     def logger(self) -> Any:
@@ -573,12 +603,18 @@ class Reporter:
             local.reporting = False
 
     def handle(self, violation: Violation) -> None:
-        occurrence: Occurrence | None = Occurrence(violation, set(self.options.action))
+        occurrence = Occurrence(violation, set(self.options.action))
         for step in list(self.steps):
-            assert occurrence is not None
-            occurrence = step(occurrence)
-            if occurrence is None:
+            try:
+                went_on = step(occurrence)
+            except (ThreadAffinityError, Warning):
+                raise  # asked for: action=raise, or warnings turned into errors
+            except Exception as exc:  # a step's bug (an integration's): the others still run
+                self.internal_error(exc, f"the pipeline step {_step_name(step)}")
+                continue
+            if went_on is None:
                 return
+            occurrence = went_on
 
     def finalizing(self, frame: FrameType) -> bool:
         """GC-driven finalization is not a use, whichever thread it happens on."""
@@ -598,17 +634,24 @@ class Reporter:
     # -- the rest ------------------------------------------------------------------------
 
     def internal_error(self, exc: BaseException, where: str) -> None:
-        """Report a bug in the sanitizer once per kind; never raise."""
-        key = (type(exc).__name__, where)
+        """Report a bug in the sanitizer once per kind (its type, stage and the line that
+        raised it); never raise. If the event cannot be rendered, one plain line on stderr."""
+        at = _raised_at(exc)
+        key = (type(exc).__name__, where, at)
         if key in self._internal_errors:
             return
         self._internal_errors.add(key)
+        error = f"{type(exc).__name__}: {exc}"
+        hint = "the original call went ahead; please report this"
         try:
-            self.logger.error("sanitizer_internal_error", where=where,
-                              error=f"{type(exc).__name__}: {exc}",
-                              hint="the original call went ahead; please report this")
-        except Exception:  # pragma: no cover - the log itself is broken
-            pass
+            self.logger.error("sanitizer_internal_error", where=where, error=error, at=at,
+                              hint=hint)
+        except Exception:  # the renderer is what broke
+            try:
+                self.output.tell(f"sanitizer: internal error in {where}: {error} (at {at}); "
+                                 f"{hint}")
+            except Exception:  # pragma: no cover - never raise into the program
+                pass
 
     def exit_summary(self) -> list[str]:
         """Lines for stderr at exit: counts, sites and unused suppressions."""
@@ -639,14 +682,12 @@ class Reporter:
                          violations=[v.tally() for v in self.unique_violations()])
 
     def write_summary(self, lines: list[str]) -> None:
-        """The exit summary, to stderr, by the same checked path as reports; never raises."""
-        stderr = self.output
-        if self.output.path is not None:
-            try:
-                stderr = LineWriter(None)  # the log file is elsewhere; at exit, once
-            except OSError:
-                return  # fd 2 is closed: nowhere to say it
-        stderr.write_text("\n".join(lines))
+        """The exit summary, to stderr (never to a file the program put on fd 2); never
+        raises."""
+        if self.output.path is None:
+            self.output.write_text("\n".join(lines))  # by the same checked path as reports
+        else:
+            self.output.tell("\n".join(lines))  # the log file is elsewhere
 
     def reset_after_fork(self, import_cut_short: bool = False) -> None:
         """A child reports its own violations; the parent's are not repeated at its exit.

@@ -585,7 +585,11 @@ class _Plugin:
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any],
                              request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
-        with self.fixtures.setting_up(fixturedef, request.config):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.fixtures.setting_up(fixturedef, request.config))
+            except Exception as exc:  # the fixture is set up all the same
+                self.internal_error(exc, "fixture_setup")
             return (yield)
 
     @pytest.hookimpl(tryfirst=True)
@@ -639,14 +643,14 @@ class _Plugin:
         new: list[ThreadViolation] = []
         if when == "teardown":
             with self.lock:  # later violations are the next test's, or the session's
-                new = run.take_pending()
+                new = self._take_pending(run)
                 self.current = None
                 self.session_run.when = "between tests"
         else:
             run.when = "call" if when == "setup" and report.outcome == "passed" else "teardown"
             if run.pending:
                 with self.lock:
-                    new = run.take_pending()
+                    new = self._take_pending(run)
         if new:
             try:
                 self._fail(report, run, new)
@@ -662,6 +666,13 @@ class _Plugin:
                 self._attach_records(report, run)
             except Exception as exc:
                 self.internal_error(exc, "recording violations")
+
+    def _take_pending(self, run: _TestRun) -> list[ThreadViolation]:
+        try:
+            return run.take_pending()
+        except Exception as exc:
+            self.internal_error(exc, "taking a test's violations")
+            return []
 
     def _attach_records(self, report: pytest.TestReport, run: _TestRun) -> None:
         """Every record of the test, as JSON user properties (JUnit XML, xdist, the report)."""
