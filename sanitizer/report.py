@@ -25,6 +25,7 @@ from sanitizer.render import (
     HOST,
     SCHEMA,
     SUMMARY_EVENT,
+    LineWriter,
     build_logger,
     iso,
     open_output,
