@@ -278,3 +278,12 @@ def test_sqlalchemy_urls_are_masked(postgresql_server: Any, log: Path) -> None:
     assert any(e["operation"] == "execute" and "***" in json.dumps(e["args"])
                for e in violations)
     assert s.password not in log.read_text()
+
+
+def test_a_dbapi_resource_taken_from_arguments_is_masked() -> None:
+    """A generic driver's host/database come from connect()'s arguments as given."""
+    from sanitizer.plugins.dbapi import _resource
+
+    resource = _resource("pg8000", "db", 5432, f"postgresql://app:{SECRET}@db/shop")
+    assert resource == {"driver": "pg8000", "host": "db", "port": 5432,
+                        "database": "postgresql://app:***@db/shop"}
