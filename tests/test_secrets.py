@@ -226,6 +226,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.filterwarnings("ignore:'passwd' is deprecated:DeprecationWarning")  # PyMySQL's
 def test_passwords_are_nowhere_in_the_log(driver: Server, log: Path) -> None:
     """Every connect() form, on the event loop's thread (noblock: reported with its
     arguments), then statements whose arguments hold the DSN and the password."""
