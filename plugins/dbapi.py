@@ -91,6 +91,7 @@ from sanitizer.plugin import (
     TrackedProxy,
     Violation,
     internal_error,
+    mask_resource,
     new_record,
     record_of,
 )
@@ -349,10 +350,11 @@ def class_connect_reported(cls: type, policy: Policy) -> bool:
 
 
 def _resource(driver: str, host: Any, port: Any, database: Any) -> dict[str, Any]:
-    """What the connection is to; never credentials."""
+    """What the connection is to; never credentials (a host or database taken from
+    connect()'s arguments may be a DSN or URL with a password: masked)."""
     if isinstance(database, bytes):
         database = database.decode("utf-8", "replace")
-    return {"driver": driver, "host": host, "port": port, "database": database}
+    return mask_resource({"driver": driver, "host": host, "port": port, "database": database})
 
 
 def _cursor_record(cursor: object, connection: Any) -> OwnerRecord:

@@ -106,14 +106,21 @@ class Sanitizer:
     def _track_by_name(self, spec: str) -> None:
         target, _, policy_name = spec.partition("@")
         module_name, _, attr_path = target.partition(":")
-        policy = policies.get(policy_name or "strict")
+        try:
+            policy = policies.get(policy_name or "strict")
+        except ConfigError as exc:  # the spec is the option the user gave: name it
+            raise ConfigError(f"track={spec}: {exc}", key="track", value=spec) from None
 
         def install(module: ModuleType) -> None:
             owner: Any = module
             *parents, name = attr_path.split(".")
-            for part in parents:
-                owner = getattr(owner, part)
-            value = getattr(owner, name)
+            try:
+                for part in parents:
+                    owner = getattr(owner, part)
+                value = getattr(owner, name)
+            except AttributeError:
+                raise ConfigError(f"{module_name} has no {attr_path}",
+                                  key="track", value=spec) from None
             if isinstance(value, type):
                 self.instrument_class(value, policy)
             elif callable(value):
@@ -121,12 +128,17 @@ class Sanitizer:
                     return self.track(wrapped(*args, **kwargs), policy)
                 self.patcher.wrap(owner, name, track_result)
             else:
-                raise ConfigError(f"track={spec}: {target} is neither a class nor a callable",
+                raise ConfigError(f"{target} is neither a class nor a callable",
                                   key="track", value=spec)
 
         def guarded(module: ModuleType) -> None:
             try:
                 install(module)
+            except ConfigError as exc:  # the user's spec, not our bug: one line, not tracked
+                try:
+                    sys.stderr.write(f"sanitizer: track={spec}: {exc}; not tracked\n")
+                except Exception:  # no stderr (pythonw), or a closed one
+                    pass
             except Exception as exc:
                 self.reporter.internal_error(exc, f"track={spec}")
         self._on_import(module_name, guarded)

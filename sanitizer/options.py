@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,8 +18,30 @@ ON_WORDS = ("1", "on", "true", "yes")
 OFF_WORDS = ("", "0", "off", "false", "no")
 HELP_WORDS = ("help",)
 
-_TRACK_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*(@[\w-]+)?$")
-_PLUGIN_NAME = re.compile(r"^-?[A-Za-z_][\w.-]*$")
+_PLUGIN_NAME = re.compile(r"^-?[A-Za-z_][\w.-]*\Z")
+#: ``plugin.key``: what a plugin's own options look like (the plugin checks the key).
+_PLUGIN_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+\Z")
+_POLICY_NAME = re.compile(r"^[A-Za-z_][\w-]*\Z")
+#: How much of a bad value a message shows: a message stays one readable line.
+SHOWN = 120
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, cut to SHOWN characters: an escaped single line, whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
+
+
+def _dotted(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
+
+
+def _track_spec(item: str) -> bool:
+    """``module:Name`` or ``module:Name@policy``: dotted identifiers, a policy name."""
+    target, at, policy = item.partition("@")
+    module, colon, attr = target.partition(":")
+    return (bool(colon) and _dotted(module) and _dotted(attr)
+            and (not at or _POLICY_NAME.match(policy) is not None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +91,20 @@ class Options:
 def _words(*choices: str) -> Callable[[Any], tuple[str, ...]]:
     """One or more of ``choices`` joined by '+' (or a sequence of them)."""
     def convert(value: Any) -> tuple[str, ...]:
-        words = value.split("+") if isinstance(value, str) else list(value)
-        words = [w.strip() for w in words if w.strip()]
+        accepted = f"one or more of {', '.join(choices)} joined by '+'"
+        words = value.split("+") if isinstance(value, str) else _sequence(value, accepted)
+        words = [w.strip() for w in words if isinstance(w, str) and w.strip()]
         if not words or any(w not in choices for w in words):
-            raise ValueError(f"one or more of {', '.join(choices)} joined by '+'")
+            raise ValueError(accepted)
         return tuple(dict.fromkeys(words))
     return convert
+
+
+def _sequence(value: Any, accepted: str) -> list[Any]:
+    """The items of a collection given for a '+'-joined option (anything else is bad)."""
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(accepted)
+    return list(value)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -84,11 +115,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
-def _optional_text(value: Any) -> str | None:
+def _optional_path(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
-        raise ValueError("a path")
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError("a path (without NUL bytes)")
+    try:
+        os.fsencode(value)
+    except UnicodeError:  # a lone surrogate that no file name can hold
+        raise ValueError("a path that this system's file names can hold") from None
     return value
 
 
@@ -96,7 +131,7 @@ def _int(minimum: int, maximum: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             number = None
         if isinstance(value, bool) or number is None or not minimum <= number <= maximum:
             raise ValueError(f"a whole number from {minimum} to {maximum}")
@@ -121,12 +156,14 @@ def _bool(value: Any) -> bool:
     raise ValueError("one of 1, 0, on, off, true, false")
 
 
-def _names(pattern: re.Pattern[str], accepted: str) -> Callable[[Any], tuple[str, ...]]:
+def _names(valid: Callable[[str], object], accepted: str) -> Callable[[Any], tuple[str, ...]]:
     def convert(value: Any) -> tuple[str, ...]:
-        items = value.split("+") if isinstance(value, str) else list(value)
+        items = value.split("+") if isinstance(value, str) else _sequence(value, accepted)
+        if not all(isinstance(i, str) for i in items):
+            raise ValueError(accepted)
         items = [i.strip() for i in items if i.strip()]
         for item in items:
-            if not pattern.match(item):
+            if not valid(item):
                 raise ValueError(accepted)
         return tuple(items)
     return convert
@@ -151,19 +188,20 @@ class Spec:
 SPECS: tuple[Spec, ...] = (
     Spec("action", ("log",), _words(*ACTIONS),
          "what to do on a violation: log, warn, raise; several joined by '+'", "log+warn+raise"),
-    Spec("log_file", None, _optional_text,
+    Spec("log_file", None, _optional_path,
          "append JSON lines to this file instead of writing to stderr", "PATH"),
     Spec("format", None, _choice(*FORMATS),
          "json or console", "json|console"),
     Spec("stack_depth", 16, _int(1, 256), "frames kept per stack", "N"),
-    Spec("suppressions", None, _optional_text,
+    Spec("suppressions", None, _optional_path,
          "file of rules (site:GLOB[:LINE], object:TYPE, function:NAME, policy:NAME)", "PATH"),
     Spec("exitcode", None, _optional_exitcode,
          "exit with this code if violations were found", "N"),
-    Spec("plugins", (), _names(_PLUGIN_NAME, "plugin names joined by '+', '-name' to disable"),
+    Spec("plugins", (),
+         _names(_PLUGIN_NAME.match, "plugin names joined by '+', '-name' to disable"),
          "plugins to enable ('sqlite3+django') or disable ('-django')",
          "NAMES"),
-    Spec("track", (), _names(_TRACK_SPEC, "module:Name or module:Name@policy, joined by '+'"),
+    Spec("track", (), _names(_track_spec, "module:Name or module:Name@policy, joined by '+'"),
          "also track these classes or factories, patched when their module is imported",
          "pkg.mod:Class[@policy]+..."),
     Spec("include_args", False, _bool,
@@ -181,7 +219,7 @@ DEFAULTS = Options()
 
 
 def _fail(source: str, key: str, value: Any, accepted: str) -> ConfigError:
-    return ConfigError(f"{source}: bad value {value!r} for {key!r}; expected {accepted}",
+    return ConfigError(f"{source}: bad value {shown(value)} for {shown(key)}; expected {accepted}",
                        key=key, value=value)
 
 
@@ -192,12 +230,16 @@ def from_kwargs(values: Mapping[str, Any], *, base: Options = DEFAULTS,
     plugin_options = dict(base.plugin_options)
     for key, value in values.items():
         if "." in key:  # "plugin.key": handed to that plugin, which validates it
+            if not _PLUGIN_KEY.match(key):
+                raise ConfigError(
+                    f"{source}: bad option name {shown(key)}; a plugin's own option is "
+                    "PLUGIN.KEY (letters, digits, '_', '-')", key=key, value=value)
             plugin_options[key] = str(value)
             continue
         spec = SPEC_BY_NAME.get(key)
         if spec is None:
             raise ConfigError(
-                f"{source}: unknown option {key!r}; accepted options: "
+                f"{source}: unknown option {shown(key)}; accepted options: "
                 f"{', '.join(SPEC_BY_NAME)} (or PLUGIN.KEY for a plugin's own)",
                 key=key, value=value)
         try:
@@ -234,7 +276,7 @@ def parse(text: str | None, *, source: str = ENV_VAR, base: Options = DEFAULTS) 
             values["action"] = key
         else:
             raise ConfigError(
-                f"{source}: bad word {key!r}; expected 1, on, off, help, an action "
+                f"{source}: bad word {shown(key)}; expected 1, on, off, help, an action "
                 f"({'+'.join(ACTIONS)}), or comma-separated key=value items", key=key, value=key)
     return from_kwargs(values, base=base, source=source)
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from sanitizer import inline, instrument, loops, ownership, policies, proxy, stacks, threads
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.loops import LoopToken, TaskSupport
+from sanitizer.masking import mask_resource
 from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, qualified_type
 from sanitizer.patching import Patcher
 from sanitizer.policies import (
@@ -128,6 +129,7 @@ __all__ = [
     "Violation",
     "fork_safe",
     "internal_error",
+    "mask_resource",
     "new_record",
     "qualified_type",
     "record_of",

@@ -75,6 +75,10 @@ class OwnDescriptor:
             data = data[written:]
 
 
+#: Where the system keeps links to descriptors (/dev/stdout -> /proc/self/fd/1): followed.
+_SYSTEM_LINK_DIRS = ("/dev", "/dev/fd")
+
+
 class LineWriter:
     """structlog's logger at the end of our pipeline: one ``os.write`` per event.
 
@@ -111,8 +115,29 @@ class LineWriter:
             # Reports go to stderr, even if the program later rebinds sys.stderr;
             # os.dup's copy is non-inheritable (PEP 446), i.e. close-on-exec.
             return os.dup(2)
+        # Owner-only (0600) always, not only with include_args: several processes append to
+        # one log and the first to create it sets the mode, whatever its own options. Not
+        # through a symlink at the last component: a planted link must not redirect reports
+        # (but /dev/stdout, /dev/stderr and /dev/fd/N are the system's own links).
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        return os.open(self.path, flags, 0o644)
+        if os.path.dirname(os.path.abspath(self.path)) not in _SYSTEM_LINK_DIRS:
+            flags |= os.O_NOFOLLOW
+        try:
+            return os.open(self.path, flags, 0o600)
+        except (OSError, ValueError) as exc:
+            if getattr(self, "_out", None) is not None:
+                raise  # a reopen (the path worked at start): counted as lost by msg
+            # At start: a bad option, said in one line as any other is.
+            from sanitizer.exceptions import ConfigError
+            from sanitizer.options import shown
+
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                reason = "is a symbolic link (not followed)"
+            else:
+                reason = (f"cannot open: {exc.strerror}" if isinstance(exc, OSError)
+                          else "not a file name")
+            raise ConfigError(f"log_file={shown(self.path)}: {reason}",
+                              key="log_file", value=self.path) from None
 
     def _dup_stderr(self) -> int:
         """A new descriptor for stderr, close-on-exec (os.dup, PEP 446): fd 2 again, but only

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from sanitizer import loops, stacks, threads
+from sanitizer import loops, masking, stacks, threads
 from sanitizer.exceptions import ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
 from sanitizer.ownership import FORKED, NEVER, OwnerRecord, qualified_type
@@ -318,7 +318,10 @@ def _guard_arguments(frame: FrameType) -> list[tuple[str, object]]:
 
 
 def quote_args(values: Iterable[tuple[str, object]]) -> dict[str, str]:
-    return {name: repr(value)[:200] for name, value in values}
+    """Arguments as the event shows them: reprs cut to 200 characters, credentials masked
+    (an argument named like a password, a DSN's password, SQL's PASSWORD '...')."""
+    return {name: masking.MASK if masking.is_secret_name(name) else masking.masked_repr(value)
+            for name, value in values}
 
 
 # -- the pipeline -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sanitizer import stacks
 from sanitizer.exceptions import ConfigError
 from sanitizer.logs import Finding
+from sanitizer.options import shown
 
 if TYPE_CHECKING:
     from sanitizer.report import Violation
@@ -146,28 +147,47 @@ def _module_of(filename: str, path: Iterable[str] | None = None) -> str | None:
     return module.removesuffix(".__init__")
 
 
+#: Line numbers a site rule may name (more digits are a typo, not a line).
+MAX_LINE = 10**9
+
+
 def load_suppressions(path: str) -> list[Rule]:
-    """Parse a suppressions file: ``kind:pattern`` per line, ``#`` comments."""
-    rules = []
+    """Parse a suppressions file: ``kind:pattern`` per line, ``#`` comments.
+
+    Any fault (unreadable, not UTF-8, a bad rule) is a ConfigError of one line
+    naming the file and, for a bad rule, its line.
+    """
+    # A name with odd characters (a newline, say) is shown escaped: one line.
+    where = path if isinstance(path, str) and path.isprintable() else shown(path)
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
     except OSError as exc:
-        raise ConfigError(f"suppressions={path!r}: cannot read file: {exc.strerror}",
+        raise ConfigError(f"suppressions={shown(path)}: cannot read file: {exc.strerror}",
                           key="suppressions", value=path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"suppressions={shown(path)}: not UTF-8 text (byte {exc.start})",
+                          key="suppressions", value=path) from None
+    except ValueError:  # a NUL byte or a lone surrogate in the name
+        raise ConfigError(f"suppressions={shown(path)}: not a file name",
+                          key="suppressions", value=path) from None
+    rules = []
     for number, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].strip()
         if not text:
             continue
         kind, _, pattern = text.partition(":")
-        if kind not in RULE_KINDS or not pattern:
-            raise ConfigError(
-                f"suppressions={path}:{number}: bad rule {text!r}; expected KIND:PATTERN "
-                f"with KIND one of: {', '.join(RULE_KINDS)}", key="suppressions", value=text)
         line = None
         if kind.endswith("site"):
             head, sep, tail = pattern.rpartition(":")
-            if sep and tail.isdigit():
-                pattern, line = head, int(tail)
-        rules.append(Rule(kind, pattern, line, f"{path}:{number}"))
+            if sep and tail.isascii() and tail.isdigit():
+                line = int(tail) if len(tail) < 10 else MAX_LINE
+                pattern = head
+        if kind not in RULE_KINDS or not pattern or line == MAX_LINE:
+            raise ConfigError(
+                f"suppressions={where}:{number}: bad rule {shown(text)}; expected KIND:PATTERN "
+                f"with KIND one of: {', '.join(RULE_KINDS)}"
+                + ("" if line != MAX_LINE else f", and a line number below {MAX_LINE}"),
+                key="suppressions", value=text)
+        rules.append(Rule(kind, pattern, line, f"{where}:{number}"))
     return rules
