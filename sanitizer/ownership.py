@@ -8,6 +8,7 @@ import gc
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -198,14 +199,15 @@ def _remember(record: OwnerRecord) -> None:
 _forget = STATE.records.discard
 
 
-def _compact(phase: str, _info: dict[str, Any]) -> None:
+def _compact(phase: str, _info: dict[str, Any], live: set[weakref.ref[OwnerRecord]]
+             = STATE.records, size: Callable[[object], int] = sys.getsizeof) -> None:
     """A gc.callbacks entry. A set's table never shrinks as entries go, so once most
     records are gone (a million objects dropped), the next collection swaps in a copy
     of the size it needs: one C call, so no reference added or dropped meanwhile is
     lost. A growing set takes up to 128 bytes per entry (8 slots of 16): compacting
-    only past 512 never copies a set that is merely growing."""
-    live = STATE.records
-    if phase == "stop" and sys.getsizeof(live) > 512 * len(live) + 65536:
+    only past 512 never copies a set that is merely growing. (Defaults, not globals:
+    collections also run while the interpreter clears modules at exit.)"""
+    if phase == "stop" and size(live) > 512 * len(live) + 65536:
         live.intersection_update(live)  # a set with itself: swaps in set_copy()'s table
 
 
