@@ -5,7 +5,7 @@ memory before (after a warm-up: imports, generated classes, the first thread),
 while the objects are alive, and after they are gone (``gc.collect()``), with
 tracemalloc (bytes Python allocated) and RSS (what the OS gives the process):
 
-    python benchmarks/bench_memory.py                  # the full sizes: a few minutes
+    python benchmarks/bench_memory.py                  # the full sizes: ~10 minutes
     python benchmarks/bench_memory.py --objects 100000 --threads 1000
     python benchmarks/bench_memory.py --no-tracemalloc  # RSS only: much faster
 
