@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -188,19 +190,28 @@ def _untracked() -> OwnerRecord:
 UNTRACKED = _untracked()
 
 def _remember(record: OwnerRecord) -> None:
-    """Every record is remembered, for marking after fork: plain references without
-    callbacks (a WeakSet runs Python code when each record dies), pruned in bulk."""
-    live = STATE.records
-    live.append(weakref.ref(record))
-    if len(live) >= STATE.records_limit and STATE.pruning.acquire(blocking=False):
-        try:
-            seen = len(live)
-            alive = [ref for ref in live[:seen] if ref() is not None]
-            # One slice assignment: references other threads append meanwhile stay.
-            live[:seen] = alive
-            STATE.records_limit = max(1024, 2 * len(alive))
-        finally:
-            STATE.pruning.release()
+    """Every record is remembered, for marking after fork, by a weak reference whose
+    callback is the set's own discard: C, so no Python code runs as a record dies (a
+    WeakSet's would), and the reference goes with its record (memory returns)."""
+    STATE.records.add(weakref.ref(record, _forget))
+
+
+_forget = STATE.records.discard
+
+
+def _compact(phase: str, _info: dict[str, Any], live: set[weakref.ref[OwnerRecord]]
+             = STATE.records, size: Callable[[object], int] = sys.getsizeof) -> None:
+    """A gc.callbacks entry. A set's table never shrinks as entries go, so once most
+    records are gone (a million objects dropped), the next collection swaps in a copy
+    of the size it needs: one C call, so no reference added or dropped meanwhile is
+    lost. A growing set takes up to 128 bytes per entry (8 slots of 16): compacting
+    only past 512 never copies a set that is merely growing. (Defaults, not globals:
+    collections also run while the interpreter clears modules at exit.)"""
+    if phase == "stop" and size(live) > 512 * len(live) + 65536:
+        live.intersection_update(live)  # a set with itself: swaps in set_copy()'s table
+
+
+gc.callbacks.append(_compact)
 
 
 def new_record(
@@ -262,7 +273,7 @@ def qualified_name(cls: type) -> str:
 
 def invalidate_after_fork() -> None:
     """In a forked child, every inherited record is the parent's: guards see FORKED."""
-    for ref in STATE.records:
+    for ref in list(STATE.records):  # a copy: a record dying meanwhile changes the set
         record = ref()
         if record is not None:
             record.busy = FORKED

@@ -102,9 +102,9 @@ class State:
         self.serials = itertools.count(1)  # thread serials, never reused: T0 is main
         self.tokens: weakref.WeakValueDictionary[int, ThreadToken] = (
             weakref.WeakValueDictionary())  # live tokens by thread ident
-        self.records: list[weakref.ref[OwnerRecord]] = []  # for marking after fork
-        self.records_limit = 1024  # prune dead references when there are this many
-        self.pruning = fork_safe(threading.Lock())
+        #: Weak references to the live owner records, for marking after fork: each
+        #: one's callback is this set's discard (ownership._remember).
+        self.records: set[weakref.ref[OwnerRecord]] = set()
         self.loop_serials = itertools.count(1)  # loop serials, never reused (L1, L2 ...)
         self.loop_tokens: weakref.WeakKeyDictionary[Any, LoopToken] = (
             weakref.WeakKeyDictionary())

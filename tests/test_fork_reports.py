@@ -44,8 +44,8 @@ INSIDE = [0]  # reports under way in the parent's reporting thread (the sink's w
 def locks():
     from sanitizer.state import STATE
 
-    found = {"lifecycle": STATE.lifecycle, "pruning": STATE.pruning,
-             "loops": STATE.loop_lock, "importing": STATE.importing}
+    found = {"lifecycle": STATE.lifecycle, "loops": STATE.loop_lock,
+             "importing": STATE.importing}
     running = STATE.running
     if running is not None:
         reporter = running.reporter
@@ -313,14 +313,6 @@ elif CASE == "loops":  # a new loop's token, made under STATE.loop_lock
     class Loop:
         pass
     parker = lambda: loops.token_for(Loop())
-elif CASE == "pruning":  # the records list, read under STATE.pruning
-    class Parking(list):
-        def __getitem__(self, index):
-            park()
-            return list.__getitem__(self, index)
-    STATE.records = Parking(STATE.records)
-    STATE.records_limit = len(STATE.records) + 1
-    parker = lambda: [Thing() for _ in range(2)]
 
 thread = threading.Thread(target=parker, name="parker")
 thread.start()
@@ -332,12 +324,6 @@ if pid == 0:
     elif CASE == "loops":
         from sanitizer import loops
         loops.token_for(Loop())
-    elif CASE == "pruning":
-        STATE.records_limit = 1024
-        made = [Thing() for _ in range(3000)]
-        del made
-        [Thing() for _ in range(1100)]
-        note(records=len(STATE.records))
     thing.use()  # the child's first report
     note(held=HELD)
     os._exit(0)
@@ -355,7 +341,6 @@ CASES = {
     "logging": "handler Parking",
     "lifecycle": "lifecycle",
     "loops": "loops",
-    "pruning": "pruning",
 }
 
 
@@ -372,8 +357,6 @@ def test_a_child_forked_while_a_thread_holds_a_lock_reports(tmp_path: Path, case
         assert f'"child_pid":{pid}' in forwarded
     (event,) = reported_by(events, pid)
     assert event["policy"] == "process"
-    if case == "pruning":  # the child prunes its own record list (not stuck at "held")
-        assert kids[0]["records"] < 3000
 
 
 # -- every lock is one the fork handler renews ----------------------------------------------

@@ -48,13 +48,15 @@ def test_transfer_makes_the_calling_thread_the_owner() -> None:
     assert record.owner is token and token is not threads.current()
 
 
-def test_dead_records_are_pruned_in_bulk() -> None:
+def test_a_dead_records_reference_goes_with_it() -> None:
     kept = new_record(STRICT_POLICY, Thing())
-    limit = STATE.records_limit
-    for _ in range(limit):  # each dies at once; pruning happens as records are made
+    before = len(STATE.records)
+    for _ in range(2048):  # each dies at once, and its weak reference with it
         new_record(STRICT_POLICY, Thing())
-    assert len(STATE.records) < limit
+    assert len(STATE.records) == before
     assert any(ref() is kept for ref in STATE.records)  # a live one is still remembered
+    del kept
+    assert len(STATE.records) == before - 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
