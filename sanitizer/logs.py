@@ -93,6 +93,11 @@ class Finding:
             self._pending[process] = 0
         self.counts[process] = self._summed.get(process, 0) + self._pending[process]
 
+    def _thread(self, process: Process, info: object) -> None:
+        """Remember a thread dict of an event or summary, by its serial in ``process``."""
+        if isinstance(info, dict) and isinstance(info.get("serial"), int):
+            self.threads.setdefault((*process, info["serial"]), info)
+
     def _seen(self, at: str) -> None:
         if at and (not self.first_at or at < self.first_at):
             self.first_at = at
@@ -193,6 +198,11 @@ def read(sources: Iterable[str]) -> Reading:
     return merger.finish()
 
 
+# What a sanitizer event with fields of the wrong types raises while it is merged.
+_MALFORMED = (TypeError, ValueError, AttributeError, KeyError)
+_MALFORMED_REASON = "a sanitizer event with malformed fields"
+
+
 class _Merger:
     def __init__(self) -> None:
         self.reading = Reading(findings=[])
@@ -218,13 +228,12 @@ class _Merger:
         try:
             if name == EVENT:
                 self.violation(event)
-            else:
-                _process(event)
-                if not isinstance(event.get("violations") or [], list):
-                    raise TypeError("violations")
+            elif isinstance(event.get("violations") or [], list):
                 self.summaries.append(event)
-        except (TypeError, ValueError, AttributeError, KeyError):
-            self.reading.skipped["a sanitizer event with malformed fields"] += 1
+            else:
+                raise TypeError("violations")
+        except _MALFORMED:
+            self.reading.skipped[_MALFORMED_REASON] += 1
             return
         self.reading.events += 1
 
@@ -240,9 +249,7 @@ class _Merger:
         at = str(event.get("timestamp", ""))
         finding._seen(at)
         for field in ("thread", "owner_thread", "holder_thread"):
-            info = event.get(field)
-            if isinstance(info, dict) and isinstance(info.get("serial"), int):
-                finding.threads.setdefault((*process, info["serial"]), info)
+            finding._thread(process, event.get(field))
 
     def summary(self, event: dict[str, Any]) -> None:
         process = _process(event)
@@ -255,8 +262,7 @@ class _Merger:
             finding._seen(str(tally.get("first_at", "")))
             finding._seen(str(tally.get("last_at", "")))
             for info in tally.get("threads") or ():
-                if isinstance(info, dict) and isinstance(info.get("serial"), int):
-                    finding.threads.setdefault((*process, info["serial"]), info)
+                finding._thread(process, info)
             for occurrence in tally.get("occurrences") or ():
                 if isinstance(occurrence, dict):
                     finding.occurrences.append(
@@ -266,8 +272,9 @@ class _Merger:
         for summary in self.summaries:
             try:
                 self.summary(summary)
-            except (TypeError, ValueError, AttributeError, KeyError):
-                self.reading.skipped["a sanitizer event with malformed fields"] += 1
+            except _MALFORMED:
+                self.reading.skipped[_MALFORMED_REASON] += 1
+                self.reading.events -= 1  # counted as read when it was deferred
         findings = list(self.by_fingerprint.values())
         for finding in findings:
             finding.occurrences.sort(key=lambda o: str(o.get("at", "")))

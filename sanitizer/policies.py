@@ -202,11 +202,10 @@ except AttributeError:
     _g_history = None
 if _g_history is not None:
     _g_f = _g_frame(1)
-    while _g_kinds.get(_g_f.f_code.co_filename) == 1 and _g_f.f_back is not None:
-        _g_f = _g_f.f_back  # stacks.INTERNAL: a proxy, a wrapt wrapper
+    while _g_kinds.get(_g_f.f_code.co_filename) == _g_internal and _g_f.f_back is not None:
+        _g_f = _g_f.f_back  # a proxy's frame, a wrapt wrapper's
     _g_history.append((_g_local.token, _g_clock(), _g_f.f_code, _g_f.f_lasti))
 """
-assert stacks.INTERNAL == 1
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
 ENTER_EXIT = """\
@@ -996,6 +995,7 @@ def compile_guard(
              "_g_noblock": STATE.noblock, **_BLOCKING_CHECKS,
              "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED,
              "_g_frame": sys._getframe, "_g_clock": time.time, "_g_kinds": STATE.kinds,
+             "_g_internal": stacks.INTERNAL,
              **namespace}
     template = template or policy.template
     if STATE.history:

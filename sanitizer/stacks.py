@@ -162,6 +162,8 @@ def _installed_dirs() -> tuple[str, ...]:
 # Frames in these count as library frames even when no plugin names them: the
 # summary line and the dedup key then name the first line of the user's code.
 INSTALLED_DIRS = _installed_dirs()
+# library_of names a file by the most specific of them (site-packages inside stdlib's).
+_INSTALLED_LONGEST_FIRST = sorted(INSTALLED_DIRS, key=len, reverse=True)
 
 
 def is_library_file(filename: str) -> bool:
@@ -233,7 +235,7 @@ def library_of(filename: str) -> str | None:
         return None
     if filename.startswith(FROZEN):
         return STDLIB
-    for base in sorted(INSTALLED_DIRS, key=len, reverse=True):
+    for base in _INSTALLED_LONGEST_FIRST:
         if filename.startswith(base):
             parts = filename[len(base):].split(os.sep)
             if "site-packages" in base or "dist-packages" in base:
