@@ -47,7 +47,10 @@ class ThreadToken:
     @property
     def alive(self) -> bool:
         thread = self.thread()
-        return thread is not None and thread.is_alive() and self.pid == os.getpid()
+        # Not thread.is_alive(): before 3.13, an exception a signal handler raises inside
+        # it (Ctrl-C during a report) marks the thread stopped, the main one included.
+        return (thread is not None and self.pid == os.getpid()
+                and any(t is thread for t in threading.enumerate()))
 
     def current_name(self) -> str:
         thread = self.thread()
@@ -105,6 +108,8 @@ def _core() -> tuple[str, TokenLocal]:
 
 #: Which core keeps the tokens ("c" or "python"), and the per-thread token itself.
 CORE, local = _core()
+#: Whether threads run without the GIL (a free-threaded build, with the GIL left off).
+FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
 STATE.local = local
 #: The calling thread's ident: threading.get_ident(), cheaper where the C core has it.
 get_ident: Callable[[], int] = local.ident
