@@ -7,7 +7,7 @@ SOURCES := pyproject.toml sanitizer.pth hatch_build.py sanitizer/_speedups.c $(s
 # The core suite also runs on these (pyenv interpreters; CI has them all).
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 CORE_TESTS := tests/test_api.py tests/test_end_to_end.py tests/test_sqlite3_plugin.py \
-	tests/test_asyncio.py tests/test_inline.py tests/test_core.py tests/test_events.py
+	tests/test_asyncio.py tests/test_inline.py tests/test_core.py tests/test_events.py tests/test_overlap.py
 
 .PHONY: install demo test test-pythons test-free-threaded lint bench bench-instructions bench-pytest realworld realworld-aiosqlite clean
 

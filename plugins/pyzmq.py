@@ -148,6 +148,8 @@ def install(zmq: ModuleType, context: Context) -> None:
     # zmq_poll() is inside every socket it polls: an exclusive guard written by
     # hand, for all of them at once (nested generated guards cost twice as much).
     # Not seen: zmq.proxy() (imported by name, e.g. by zmq.devices) and zmq.select().
+    claim, release = context.claim, context.release
+
     @functools.wraps(original_poll)
     def poll(self: Any, timeout: int | None = None) -> Any:
         me = local.token
@@ -156,13 +158,11 @@ def install(zmq: ModuleType, context: Context) -> None:
             reported = False
             for sock, _flags in self.sockets:
                 record = getattr(sock, "_sanitizer_record", None)  # None for a raw fd
-                if record is None or record.policy is None:
+                if record is None or record.policy is None or record.busy is me:
                     continue
-                holder = record.busy
-                if holder is None:
-                    record.busy = me
-                    held.append(record)
-                elif holder is not me and context.check(sock, record, "poll", holder):
+                held.append(record)
+                holder = claim(record, me)
+                if holder is not None and context.check(sock, record, "poll", holder):
                     reported = True
             if not reported:
                 return original_poll(self, timeout)
@@ -170,7 +170,7 @@ def install(zmq: ModuleType, context: Context) -> None:
                 return original_poll(self, timeout)
         finally:
             for record in held:
-                record.busy = None
+                release(record, me)
 
     context.replace(poller, "poll", poll)
 

@@ -1,4 +1,6 @@
-/* The hot path's "which thread is this", in C: threads.py uses it when it builds.
+/* The hot path in C: which thread is this (Local), and who is inside a call (Claims).
+ *
+ * threads.py and claims.py use them when the module builds.
  *
  * Every guard asks for the calling thread's token (``local.token``) or ident
  * (``local.ident()``). In Python these cost a threading.local lookup (~520
@@ -15,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "pythread.h"
+#include "structmember.h"  /* T_OBJECT_EX, READONLY (3.10, 3.11) */
 
 typedef struct {
     PyObject_HEAD
@@ -223,16 +226,287 @@ static PyType_Spec local_spec = {
     .slots = local_slots,
 };
 
-static int
-speedups_exec(PyObject *module)
+/* -- Claims: who is inside an exclusive object's calls ------------------------------
+ *
+ * An owner record's ``busy`` slot holds the first thread inside a call (None when
+ * idle, CROWD when that thread left while others were still inside) and ``inside``
+ * counts the other calls in progress. Guards on free-threaded builds (and 3.10, whose
+ * eval loop may switch threads between a read and a write) claim and release through
+ * here: each is one critical section on the record, so two threads never both see it
+ * idle. The slots are read and written at their offsets, not through getattr, which
+ * could take another lock and so suspend the critical section. claims.py holds the
+ * pure-Python version; under the GIL on 3.11+ the guards inline the same steps.
+ */
+
+#if PY_VERSION_HEX < 0x030D0000
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *type;  /* the record type (OwnerRecord) */
+    Py_ssize_t busy;     /* offsets of its two slots */
+    Py_ssize_t inside;
+    PyObject *crowd;
+} ClaimsObject;
+
+#define SLOT(record, offset) ((PyObject **)((char *)(record) + (offset)))
+
+/* Put ``value`` (a new reference) in ``*slot``; the old value goes in ``*old`` so that
+ * it is released after the critical section (releasing it may run code). */
+static void
+put(PyObject **slot, PyObject *value, PyObject **old)
 {
-    PyObject *type = PyType_FromModuleAndSpec(module, &local_spec, NULL);
+    *old = *slot;
+#if defined(Py_GIL_DISABLED) && (defined(__GNUC__) || defined(__clang__))
+    __atomic_store_n(slot, value, __ATOMIC_RELEASE);  /* as PyMember_SetOne stores */
+#else
+    *slot = value;
+#endif
+}
+
+static Py_ssize_t
+count_of(PyObject *value)
+{
+    if (value == NULL || !PyLong_CheckExact(value)) {
+        return 0;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(value);
+    if (n < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return n;
+}
+
+static int
+check_record(ClaimsObject *self, PyObject *const *args, Py_ssize_t nargs, const char *name)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    if (!PyObject_TypeCheck(args[0], self->type)) {
+        PyErr_Format(PyExc_TypeError, "%s(): expected a %s, not %.200s", name,
+                     self->type->tp_name, Py_TYPE(args[0])->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* claim(record, me): None if ``me`` is now the first inside; else who is (the first
+ * thread, or CROWD), with this call counted in ``inside``. */
+static PyObject *
+claims_claim(ClaimsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_record(self, args, nargs, "claim") < 0) {
+        return NULL;
+    }
+    PyObject *record = args[0], *me = args[1], *holder, *old = NULL;
+    int failed = 0;
+    Py_BEGIN_CRITICAL_SECTION(record);
+    PyObject **busy = SLOT(record, self->busy);
+    holder = *busy;
+    if (holder == NULL || holder == Py_None) {
+        put(busy, Py_NewRef(me), &old);
+        holder = Py_None;
+    }
+    else {
+        PyObject **inside = SLOT(record, self->inside);
+        PyObject *count = PyLong_FromSsize_t(count_of(*inside) + 1);
+        if (count == NULL) {
+            failed = 1;
+        }
+        else {
+            put(inside, count, &old);
+        }
+    }
+    Py_INCREF(holder);
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(old);
+    if (failed) {
+        Py_DECREF(holder);
+        return NULL;
+    }
+    return holder;
+}
+
+/* release(record, me): the end of a call claim() let in. The first thread leaving
+ * leaves CROWD behind if others are inside; the last of those leaves it idle. */
+static PyObject *
+claims_release(ClaimsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_record(self, args, nargs, "release") < 0) {
+        return NULL;
+    }
+    PyObject *record = args[0], *me = args[1], *old_busy = NULL, *old_inside = NULL;
+    int failed = 0;
+    Py_BEGIN_CRITICAL_SECTION(record);
+    PyObject **busy = SLOT(record, self->busy);
+    PyObject **inside = SLOT(record, self->inside);
+    Py_ssize_t others = count_of(*inside);
+    if (*busy == me) {
+        put(busy, Py_NewRef(others ? self->crowd : Py_None), &old_busy);
+    }
+    else if (others > 0) {
+        PyObject *count = PyLong_FromSsize_t(others - 1);
+        if (count == NULL) {
+            failed = 1;
+        }
+        else {
+            put(inside, count, &old_inside);
+            if (others == 1 && *busy == self->crowd) {
+                put(busy, Py_NewRef(Py_None), &old_busy);
+            }
+        }
+    }
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(old_busy);
+    Py_XDECREF(old_inside);
+    return failed ? NULL : Py_NewRef(Py_None);
+}
+
+/* The offset of a writable object slot of ``type`` from its member descriptor. */
+static int
+offset_of(PyTypeObject *type, PyObject *descriptor, Py_ssize_t *offset)
+{
+    if (!PyObject_TypeCheck(descriptor, &PyMemberDescr_Type) ||
+            ((PyDescrObject *)descriptor)->d_type != type) {
+        PyErr_Format(PyExc_TypeError, "Claims: expected a slot of %s", type->tp_name);
+        return -1;
+    }
+    PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+    if (member->type != T_OBJECT_EX || (member->flags & READONLY)) {
+        PyErr_SetString(PyExc_TypeError, "Claims: expected a writable __slots__ slot");
+        return -1;
+    }
+    *offset = member->offset;
+    return 0;
+}
+
+static int
+claims_init(ClaimsObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *type, *busy, *inside, *crowd;
+    static char *names[] = {"type", "busy", "inside", "crowd", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO:Claims", names, &PyType_Type,
+                                     &type, &busy, &inside, &crowd)) {
+        return -1;
+    }
+    if (offset_of((PyTypeObject *)type, busy, &self->busy) < 0 ||
+            offset_of((PyTypeObject *)type, inside, &self->inside) < 0) {
+        return -1;
+    }
+    Py_XSETREF(self->type, (PyTypeObject *)Py_NewRef(type));
+    Py_XSETREF(self->crowd, Py_NewRef(crowd));
+    return 0;
+}
+
+static PyObject *
+claims_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    ClaimsObject *self = (ClaimsObject *)PyType_GenericNew(type, args, kwargs);
+    if (self != NULL) {
+        self->busy = self->inside = -1;
+    }
+    return (PyObject *)self;
+}
+
+static int
+claims_ready(ClaimsObject *self)
+{
+    if (self->type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Claims: not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+claims_claim_checked(ClaimsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return claims_ready(self) < 0 ? NULL : claims_claim(self, args, nargs);
+}
+
+static PyObject *
+claims_release_checked(ClaimsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return claims_ready(self) < 0 ? NULL : claims_release(self, args, nargs);
+}
+
+static int
+claims_traverse(ClaimsObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->type);
+    Py_VISIT(self->crowd);
+    return 0;
+}
+
+static int
+claims_clear(ClaimsObject *self)
+{
+    Py_CLEAR(self->type);
+    Py_CLEAR(self->crowd);
+    return 0;
+}
+
+static void
+claims_dealloc(ClaimsObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    claims_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef claims_methods[] = {
+    {"claim", (PyCFunction)(void (*)(void))claims_claim_checked, METH_FASTCALL,
+     "claim(record, me): None if me is the first inside, else who is (counted inside)."},
+    {"release", (PyCFunction)(void (*)(void))claims_release_checked, METH_FASTCALL,
+     "release(record, me): the end of a call that claim() let in."},
+    {NULL},
+};
+
+static PyType_Slot claims_slots[] = {
+    {Py_tp_doc, "Claims(type, busy, inside, crowd): atomic claims on records' slots."},
+    {Py_tp_init, claims_init},
+    {Py_tp_new, claims_new},
+    {Py_tp_methods, claims_methods},
+    {Py_tp_traverse, claims_traverse},
+    {Py_tp_clear, claims_clear},
+    {Py_tp_dealloc, claims_dealloc},
+    {0, NULL},
+};
+
+static PyType_Spec claims_spec = {
+    .name = "sanitizer._speedups.Claims",
+    .basicsize = sizeof(ClaimsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = claims_slots,
+};
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, const char *name)
+{
+    PyObject *type = PyType_FromModuleAndSpec(module, spec, NULL);
     if (type == NULL) {
         return -1;
     }
-    int failed = PyModule_AddObjectRef(module, "Local", type);
+    int failed = PyModule_AddObjectRef(module, name, type);
     Py_DECREF(type);
     return failed;
+}
+
+static int
+speedups_exec(PyObject *module)
+{
+    if (add_type(module, &local_spec, "Local") < 0) {
+        return -1;
+    }
+    return add_type(module, &claims_spec, "Claims");
 }
 
 static PyModuleDef_Slot speedups_slots[] = {
@@ -246,7 +520,7 @@ static PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "sanitizer._speedups",
-    .m_doc = "The hot path's thread identity in C (see threads.py for the Python version).",
+    .m_doc = "The hot path in C: thread identity and claims (threads.py, claims.py).",
     .m_size = 0,
     .m_slots = speedups_slots,
 };

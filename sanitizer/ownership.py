@@ -40,9 +40,12 @@ class _Sentinel:
 
 
 # ``busy`` holds the token of the thread inside a call, None when idle, or one of
-# these. Neither ever equals a thread token, so both send guards to the slow path.
+# these. None ever equals a thread token, so all send guards to the slow path.
 FORKED = _Sentinel("FORKED")  # the record was inherited across fork()
 NEVER = _Sentinel("NEVER")  # the object is not tracked
+#: The first thread in left while others it overlapped are still inside (``inside``
+#: counts them): whoever enters now overlaps them, until the last of them leaves.
+CROWD = _Sentinel("CROWD")
 
 
 #: Changes of hands remembered per record (transfers, sharing windows).
@@ -62,6 +65,7 @@ class OwnerRecord:
         "depth",
         "derived_site",
         "history",
+        "inside",
         "loop",
         "name",
         "object_id",
@@ -101,6 +105,8 @@ class OwnerRecord:
         #: when its creation stack is its parent's: one frame, the user's.
         self.derived_site: stacks.Frame | None = None
         self.busy: object = None
+        #: Calls inside now besides the first thread's (exclusive's guards count them).
+        self.inside = 0
         self.sharing = 0
         # -- for the HTML timeline: set here and on cold paths only, but ``history`` --
         self.created = time.time()
@@ -277,3 +283,4 @@ def invalidate_after_fork() -> None:
         record = ref()
         if record is not None:
             record.busy = FORKED
+            record.inside = 0  # the parent's threads are not the child's

@@ -50,7 +50,17 @@ from collections.abc import Callable, Iterator, Mapping
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-from sanitizer import inline, instrument, loops, ownership, policies, proxy, stacks, threads
+from sanitizer import (
+    claims,
+    inline,
+    instrument,
+    loops,
+    ownership,
+    policies,
+    proxy,
+    stacks,
+    threads,
+)
 from sanitizer.exceptions import ConfigError, ThreadAffinityError
 from sanitizer.loops import LoopToken, TaskSupport
 from sanitizer.masking import mask_resource
@@ -230,6 +240,13 @@ class Context:
     #: the calling thread's token; compare it with ``record.owner`` by identity.
     #: ``context.local.ident()`` is ``threading.get_ident()``, cheaper in the C core.
     local = threads.local
+    #: Exclusive's claims, for guards written by hand over several objects at once (see
+    #: claims.py): ``claim(record, me)`` is None when ``me`` is now the first inside, else
+    #: who is (report it); ``release(record, me)`` ends any call that claim let in. Put the
+    #: claim inside the ``try`` whose ``finally`` releases, and skip records whose ``busy``
+    #: is already ``me`` (a nested call).
+    claim = staticmethod(claims.claim)
+    release = staticmethod(claims.release)
 
     def __init__(self, sanitizer: Sanitizer, plugin: Plugin, patcher: Patcher) -> None:
         self._sanitizer = sanitizer

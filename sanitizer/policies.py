@@ -22,9 +22,9 @@ from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sanitizer import inline, loops, stacks, threads
+from sanitizer import claims, inline, loops, stacks, threads
 from sanitizer.exceptions import ConfigError
-from sanitizer.ownership import FORKED, UNTRACKED, OwnerRecord, record_of
+from sanitizer.ownership import CROWD, FORKED, UNTRACKED, OwnerRecord, record_of
 from sanitizer.state import STATE
 
 if TYPE_CHECKING:
@@ -54,6 +54,11 @@ if _g_me is not _g_record.owner and _g_slow(self, _g_record, {operation!r}, None
 return {call}
 """
 
+# One thread at a time (claims.py): the first thread in marks ``busy``; one that finds
+# another inside is counted in ``inside`` while its call lasts, and the first leaving
+# then leaves CROWD behind, so that every overlapping entry is seen. The steps between
+# a read and its write, and between a claim and its ``try``, make no call: nothing lets
+# another thread or a signal handler (KeyboardInterrupt) run in between under the GIL.
 EXCLUSIVE = """\
 _g_record = {record}
 _g_me = _g_local.token
@@ -63,10 +68,39 @@ if _g_holder is None:
     try:
         return {call}
     finally:
+        if _g_record.inside:
+            _g_record.busy = _g_crowd
+        else:
+            _g_record.busy = None
+if _g_holder is _g_me:
+    return {call}
+_g_record.inside += 1
+try:
+    if _g_slow(self, _g_record, {operation!r}, _g_holder):
+        {reported}
+    return {call}
+finally:
+    _g_record.inside -= 1
+    if not _g_record.inside and _g_record.busy is _g_crowd:
         _g_record.busy = None
-if _g_holder is not _g_me and _g_slow(self, _g_record, {operation!r}, _g_holder):
-    {reported}
-return {call}
+"""
+
+# The same through claims.claim/release, atomic without the GIL. The claim is the
+# ``try``'s first step, and release reads from the record what the claim did: a signal
+# handled as the claim returns leaves nothing held. (``busy`` is this thread only while
+# its own first call lasts, so a nested call is told apart before the claim.)
+EXCLUSIVE_CALLED = """\
+_g_record = {record}
+_g_me = _g_local.token
+if _g_record.busy is _g_me:
+    return {call}
+try:
+    _g_holder = _g_claim(_g_record, _g_me)
+    if _g_holder is not None and _g_slow(self, _g_record, {operation!r}, _g_holder):
+        {reported}
+    return {call}
+finally:
+    _g_release(_g_record, _g_me)
 """
 
 PROCESS = """\
@@ -147,13 +181,14 @@ _g_holder = _g_record.task
 if _g_holder is None or _g_holder is _g_task:
     _g_record.task = _g_task
     _g_record.depth += 1
-    _g_mine = (_g_record, _g_task, _g_spans.get())
-    _g_span = _g_spans.set(_g_mine)
+    _g_mine = None
     try:
+        _g_mine = (_g_record, _g_task, _g_spans.get())
+        _g_spans.set(_g_mine)
         return await {call}
     finally:
-        if _g_spans.get() is _g_mine:
-            _g_spans.reset(_g_span)
+        if _g_mine is not None and _g_spans.get() is _g_mine:
+            _g_spans.set(_g_mine[2])
         else:  # notes kept after ours (a span that outlasts its call): only ours goes
             _g_unspan(_g_record, _g_task)
         _g_record.depth -= 1
@@ -189,6 +224,10 @@ _READS_RECORD = re.compile(r"^( *)_g_record = \{record\}$", re.MULTILINE)
 _TOLERANT_READ = (r"\1try:\n\1    _g_record = {record}\n"
                   r"\1except AttributeError:\n\1    _g_record = _g_untracked")
 
+# Where a template's reported block goes, and how deep.
+_REPORTED_MARK = "_g_reported_block_"
+_REPORTED_AT = re.compile(rf"^( *){_REPORTED_MARK}$", re.MULTILINE)
+
 # The body's own token read, which NOBLOCK's takes over.
 _READS_TOKEN = re.compile(r"^_g_me = _g_local\.token\n", re.MULTILINE)
 
@@ -208,23 +247,29 @@ if _g_history is not None:
 """
 
 # For policies written as enter/exit methods (usually by plugins): slower, general.
+# enter() is the ``try``'s first step: a signal handled as it returns still gets its
+# exit() (a Python enter's return is no such point; only a C one's is).
 ENTER_EXIT = """\
 _g_record = {record}
-_g_state = _g_policy.enter(self, _g_record, {operation!r})
+_g_state = _g_unentered
 try:
+    _g_state = _g_policy.enter(self, _g_record, {operation!r})
     return {call}
 finally:
-    _g_policy.exit(self, _g_record, _g_state)
+    if _g_state is not _g_unentered:
+        _g_policy.exit(self, _g_record, _g_state)
 """
 
 # The same for a coroutine method: around the call's run, when awaited, not its creation.
 ENTER_EXIT_AWAITED = """\
 _g_record = {record}
-_g_state = _g_policy.enter(self, _g_record, {operation!r})
+_g_state = _g_unentered
 try:
+    _g_state = _g_policy.enter(self, _g_record, {operation!r})
     return await {call}
 finally:
-    _g_policy.exit(self, _g_record, _g_state)
+    if _g_state is not _g_unentered:
+        _g_policy.exit(self, _g_record, _g_state)
 """
 
 # An async guard's reported call: quiet for this task only (a thread's ``quiet`` would
@@ -242,6 +287,9 @@ HUSH: contextvars.ContextVar[bool] = contextvars.ContextVar("sanitizer_hush", de
 #: The task policy's spans entered in this context: linked (record, task, next) tuples.
 SPANS: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar(
     "sanitizer_spans", default=None)
+
+#: ENTER_EXIT's state before enter() returned (it was refused, or never ran).
+_UNENTERED = object()
 
 RESERVED_PREFIX = "_g_"
 RECORD = "self._sanitizer_record"
@@ -432,10 +480,13 @@ class Exclusive(Policy):
     """Any thread may use the object, but only one at a time: handoff is fine."""
 
     name = "exclusive"
-    template = EXCLUSIVE
+    template = EXCLUSIVE_CALLED if claims.CALLED else EXCLUSIVE
     marks_inside = True
     advice = ("one thread at a time: give each thread its own (a pool), or hold a lock "
               "around each use")
+
+    def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
+        return crowd_member(record, token) if holder is CROWD else holder
 
     def violated(
         self, record: OwnerRecord, token: threads.ThreadToken, holder: object,
@@ -445,11 +496,11 @@ class Exclusive(Policy):
             return "process"
         if record.sharing > 0 or holder is None or holder is token:
             return None
-        return self.name
+        return self.name  # a thread inside, or a CROWD whose threads left meanwhile
 
     def describe(self, violation: Violation, record: OwnerRecord,
                  token: threads.ThreadToken) -> str:
-        if violation.policy == self.name and violation.holder_thread:
+        if violation.policy == self.name:
             return while_inside(violation, token)
         return super().describe(violation, record, token)
 
@@ -467,8 +518,9 @@ def _who(token: threads.ThreadToken) -> str:
 
 def while_inside(violation: Violation, token: threads.ThreadToken) -> str:
     """The message of a use while another thread was inside a call on the object."""
-    holder = violation.holder_thread or {}
-    other = f"thread T{holder.get('serial')} '{holder.get('name')}'"
+    holder = violation.holder_thread
+    other = (f"thread T{holder.get('serial')} '{holder.get('name')}'" if holder
+             else "another thread")
     root = violation.root_type or violation.object_type
     return (f"{_what(violation)} called by {_who(token)} while {other} is inside a call on "
             f"the same {root}")
@@ -503,7 +555,7 @@ class ConcurrentUse(Policy):
 
     def holder(self, record: OwnerRecord, token: threads.ThreadToken, holder: object) -> object:
         if record.policy is not None and record.policy.marks_inside:
-            return holder
+            return crowd_member(record, token) if holder is CROWD else holder
         return None if token is record.owner else thread_inside(record, token)
 
     def violated(
@@ -862,6 +914,12 @@ def thread_inside(record: OwnerRecord, me: threads.ThreadToken) -> threads.Threa
     return None
 
 
+def crowd_member(record: OwnerRecord, me: threads.ThreadToken) -> object:
+    """One of the threads inside when ``busy`` says only CROWD (cold path): from their
+    frames, or CROWD itself if they left meanwhile."""
+    return thread_inside(record, me) or CROWD
+
+
 BUILTIN = (STRICT_POLICY, EXCLUSIVE_POLICY, PROCESS_POLICY, LOOP_POLICY, TASK_POLICY)
 #: Whose advice a verdict gets when another policy found it (Policy.advice_for).
 _ADVISERS: dict[str, Policy] = {p.name: p for p in (
@@ -996,6 +1054,8 @@ def compile_guard(
              "_g_ident": threads.get_ident, "_g_untracked": UNTRACKED,
              "_g_frame": sys._getframe, "_g_clock": time.time, "_g_kinds": STATE.kinds,
              "_g_internal": stacks.INTERNAL,
+             "_g_crowd": CROWD, "_g_unentered": _UNENTERED,
+             "_g_claim": claims.claim, "_g_release": claims.release,
              **namespace}
     template = template or policy.template
     if STATE.history:
@@ -1027,10 +1087,11 @@ def _guard_module(template: str, call: str, params: str, record: str) -> CodeTyp
     """Compiled once per shape: a class's methods mostly share a few parameter lists."""
     asynchronous = "await " in template
     template = _READS_RECORD.sub(_TOLERANT_READ, template)
-    reported = (REPORTED_ASYNC if asynchronous else REPORTED).format(call=call)
-    reported = reported.replace("\n", "\n    ").rstrip()
+    reported = (REPORTED_ASYNC if asynchronous else REPORTED).format(call=call).rstrip()
     body = template.format(call=call, operation=_Name("_g_operation"), record=record,
-                           reported=reported)
+                           reported=_REPORTED_MARK)
+    # Every line of the block as deep as ``{reported}`` stands (guard bodies nest it).
+    body = _REPORTED_AT.sub(lambda m: m[1] + reported.replace("\n", "\n" + m[1]), body)
     define = "async def" if asynchronous else "def"
     source = f"{define} _g_guard(self, {params}):\n" + "".join(
         "    " + line + "\n" for line in body.splitlines()

@@ -18,7 +18,7 @@ from typing import Any
 from sanitizer import loops, masking, stacks, threads
 from sanitizer.exceptions import ThreadAffinityError, ThreadAffinityWarning
 from sanitizer.options import Options
-from sanitizer.ownership import FORKED, NEVER, OwnerRecord, qualified_type
+from sanitizer.ownership import CROWD, FORKED, NEVER, OwnerRecord, qualified_type
 from sanitizer.policies import RESERVED_PREFIX, Policy
 from sanitizer.render import (
     EVENT,
@@ -242,7 +242,7 @@ def build(obj: object, record: OwnerRecord, operation: str, verdict: str,
         frame = sys._current_frames().get(holder_thread.ident)
         holder_stack = stacks.capture(depth, frame) if frame is not None else ()
     elif holder is not None and holder_thread is None and holder is not FORKED \
-            and holder is not NEVER:
+            and holder is not NEVER and holder is not CROWD:
         holder_task = loops.describe_task(holder)  # the task policy's holder: a task
         holder_stack = loops.task_stack(holder, depth)
     binding = record.binding
@@ -386,12 +386,14 @@ class Dedup:
         violation = occurrence.violation
         with self._lock:
             seen = self.unique.get(violation.key)
+            # Both counts before occurred(), a call: an exception a signal handler raises
+            # there cannot leave them apart.
+            self.total += 1
             if seen is not None:
                 seen.count += 1
             else:
                 self.unique[violation.key] = violation
             (seen or violation).occurred(violation)
-            self.total += 1
         occurrence.kind = seen or violation
         occurrence.first = seen is None
         if seen is not None:

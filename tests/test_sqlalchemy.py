@@ -531,7 +531,15 @@ class TestCaught:
                                                  tmp_path: Path) -> None:
         gate = Gate()
         engine = make_engine(tmp_path, gate, poolclass=StaticPool)
-        a_done = threading.Event()
+        a_done, b_done = threading.Event(), threading.Event()
+
+        # Once its statement ran, A waits for B's to end: A's next calls on the shared
+        # connection (its result's) would overlap B's, and be reported too, if B were
+        # still inside one. Exact counting sees that overlap; this test is about B's.
+        @event.listens_for(engine, "after_cursor_execute")
+        def a_waits_for_b(*_args: Any) -> None:
+            if threading.current_thread().name == "A":
+                b_done.wait(10)
 
         def hold() -> None:
             with Session(engine) as session:  # a deep stack down to sqlite3.connect()
@@ -543,6 +551,7 @@ class TestCaught:
             try:
                 session.execute(text("select 2"))  # static-race
             finally:
+                b_done.set()
                 a_done.wait(10)  # then checking in is a handoff, not a second race
                 session.close()
         outcome = race(gate, hold, intrude)
