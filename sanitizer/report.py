@@ -384,15 +384,16 @@ class Dedup:
 
     def __call__(self, occurrence: Occurrence) -> Occurrence:
         violation = occurrence.violation
+        key = violation.key  # a property: Python code, where a signal handler may raise
         with self._lock:
-            seen = self.unique.get(violation.key)
-            # Both counts before occurred(), a call: an exception a signal handler raises
-            # there cannot leave them apart.
+            seen = self.unique.get(key)
+            # Nothing that runs Python code (where a signal handler may raise) between
+            # the two counts: they cannot come apart.
             self.total += 1
             if seen is not None:
                 seen.count += 1
             else:
-                self.unique[violation.key] = violation
+                self.unique[key] = violation
             (seen or violation).occurred(violation)
         occurrence.kind = seen or violation
         occurrence.first = seen is None
